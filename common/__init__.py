@@ -1,0 +1,1 @@
+"""specd common code: config, engine (models, layers, kv, spec), rpc helpers, telemetry."""

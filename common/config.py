@@ -1,0 +1,199 @@
+"""Self-validating configuration dataclasses shared by the engine and the services."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import CheckpointError, ConfigError, UnsupportedModelError
+
+# Architectures one implementation (common/models/llama_family.py) covers, with what sets them apart.
+SUPPORTED_ARCHITECTURES = {
+    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
+    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"           # "default" | "llama3" | "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("default", "llama3", "linear"):
+            raise UnsupportedModelError(
+                f"rope type {self.rope_type!r} is not supported (supported: default, llama3, linear)")
+        if self.theta <= 0 or self.factor <= 0:
+            raise ConfigError(f"rope theta={self.theta} and factor={self.factor} must be > 0")
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "RopeConfig":
+        # transformers 5 writes `rope_parameters`; 4.x wrote `rope_theta` + `rope_scaling`.
+        params = dict(cfg.get("rope_parameters") or {})
+        scaling = dict(cfg.get("rope_scaling") or {})
+        merged = {**scaling, **params}
+        theta = merged.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = merged.get("rope_type", merged.get("type", "default"))
+        return cls(
+            theta=float(theta),
+            rope_type=rope_type,
+            factor=float(merged.get("factor", 1.0)),
+            low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The shape of a Qwen2/Qwen3/Llama-family checkpoint, read from its config.json."""
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    mlp_bias: bool = False
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise CheckpointError(f"config {name}={getattr(self, name)}: must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"model folder {str(path)!r} does not exist (run `make models`, or pass a "
+                                  "folder holding config.json and *.safetensors)")
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{str(path)!r} has no config.json: not a Hugging Face model folder")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+        return cls.from_hf_dict(cfg, source=str(cfg_file))
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config") -> "ModelConfig":
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise UnsupportedModelError(
+                f"{source}: architecture {archs or cfg.get('model_type')!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        traits = SUPPORTED_ARCHITECTURES[arch]
+        try:
+            num_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+            return cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=bool(cfg.get("attention_bias", traits["qkv_bias"])),
+                qk_norm=traits["qk_norm"],
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                rope=RopeConfig.from_hf(cfg),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from e
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine runs a model: precision, device, KV cache geometry, tensor parallelism."""
+    model: str                                # path of a Hugging Face folder with *.safetensors
+    dtype: str = "float32"                    # "float32" | "bfloat16" | "float16"
+    device: str = "cpu"                       # "cpu" | "cuda" | "cuda:N"
+    tp_size: int = 1
+    block_size: int = 16                      # tokens per KV block
+    num_kv_blocks: int | None = None          # None: derived from kv_cache_memory_gib
+    kv_cache_memory_gib: float = 1.0
+    max_model_len: int | None = None          # None: the model's max_position_embeddings (capped at 32768)
+    max_num_seqs: int = 64
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r}: must be 'cpu', 'cuda' or 'cuda:N'")
+        if not 1 <= self.tp_size <= 64:
+            raise ConfigError(f"tp_size={self.tp_size}: must be in [1, 64]")
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+            raise ConfigError(f"block_size={self.block_size}: must be a power of two in [1, 256]")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks={self.num_kv_blocks}: must be >= 1")
+        if self.kv_cache_memory_gib <= 0:
+            raise ConfigError(f"kv_cache_memory_gib={self.kv_cache_memory_gib}: must be > 0")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len={self.max_model_len}: must be >= 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs={self.max_num_seqs}: must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raise if this engine setting cannot run `model` (TP must split heads evenly)."""
+        tp = self.tp_size
+        if model.num_heads % tp or model.num_kv_heads % tp:
+            raise ConfigError(
+                f"tp_size={tp} must divide num_attention_heads={model.num_heads} and "
+                f"num_key_value_heads={model.num_kv_heads}; valid tp sizes: "
+                f"{[d for d in range(1, model.num_kv_heads + 1) if model.num_kv_heads % d == 0 and model.num_heads % d == 0]}")
+        if model.intermediate_size % tp:
+            raise ConfigError(f"tp_size={tp} must divide intermediate_size={model.intermediate_size}")
+
+    def resolved_max_model_len(self, model: ModelConfig) -> int:
+        limit = model.max_position_embeddings
+        if self.max_model_len is None:
+            return min(limit, 32768)
+        if self.max_model_len > limit:
+            raise ConfigError(f"max_model_len={self.max_model_len}: must be <= the model's "
+                              f"max_position_embeddings={limit}")
+        return self.max_model_len
+
+    def resolved_num_kv_blocks(self, model: ModelConfig) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        per_block = (2 * model.num_layers * self.block_size * (model.num_kv_heads // self.tp_size)
+                     * model.head_dim * torch.empty((), dtype=self.torch_dtype).element_size())
+        return max(1, math.floor(self.kv_cache_memory_gib * 2**30 / per_block))

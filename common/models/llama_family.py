@@ -1,0 +1,110 @@
+"""One decoder for the Qwen2 / Qwen3 / Llama family, built from tensor-parallel layers.
+
+Qwen2: q/k/v bias. Qwen3: per-head RMSNorm on q and k. Llama 3: rope scaling. Tied or untied LM head; GQA.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from common.config import ModelConfig
+from common.distributed import TPGroup
+from common.layers.activation import SiluAndMul
+from common.layers.attention import AttentionMetadata, PagedAttention
+from common.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from common.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from common.layers.norm import RMSNorm
+from common.layers.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads = cfg.num_heads // tp.world_size
+        self.num_kv_heads = cfg.num_kv_heads // tp.world_size
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
+                                          cfg.qkv_bias, tp)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, tp)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def forward(self, positions, hidden, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)                                   # [T, q_size + 2·kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)                 # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)              # [T, KVH, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v, k_cache, v_cache, meta)              # [T, H·D]
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       cfg.mlp_bias, tp)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, tp, max_positions, dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp)
+
+    def forward(self, positions, hidden, k_cache, v_cache, meta) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), k_cache, v_cache, meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, max_positions, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaFamilyForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our fused parameter's fragment, shard id)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, tp, max_positions, dtype)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, logits_index: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions [T]; logits_index [N] rows of T whose next-token logits are wanted -> [N, vocab]
+        hidden = self.model.embed_tokens(input_ids)                   # [T, hidden]
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
+            hidden = layer(positions, hidden, k_cache, v_cache, meta)
+        hidden = self.model.norm(hidden.index_select(0, logits_index))  # norm is per token: only rows we need
+        return self.lm_head(hidden)

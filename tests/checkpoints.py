@@ -1,0 +1,35 @@
+"""Tiny random Hugging Face checkpoints, saved as real safetensors folders, for tests that need no real model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def hf_config(arch: str, **overrides):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    kw = {**TINY_SHAPE, **overrides}
+    if arch == "qwen2":
+        return Qwen2Config(**{"tie_word_embeddings": False, **kw})
+    if arch == "qwen3":
+        return Qwen3Config(**{"head_dim": 16, "tie_word_embeddings": False, **kw})
+    if arch == "llama":
+        return LlamaConfig(**{"tie_word_embeddings": True, "rope_scaling": {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}, "rope_theta": 500000.0, **kw})
+    raise ValueError(arch)
+
+
+def build_checkpoint(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    """Save a random-weight model of `arch` ('qwen2' | 'qwen3' | 'llama') into `path`."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(arch, **overrides), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():       # larger weights than the default init, so differences show
+            p.normal_(0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random checkpoints (built once per session) and the real models' folders."""
+from __future__ import annotations
+
+import pytest
+
+from tests.checkpoints import build_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: build_checkpoint(root / arch, arch, seed=i) for i, arch in enumerate(("qwen2", "qwen3", "llama"))}
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """Folders of the real models; fetched by `make models` (the `make test` target runs it first)."""
+    from common.models.fetch import DRAFT_MODEL, LLAMA_MODEL, TARGET_MODEL, is_fetched, model_path
+    keys = {"draft": DRAFT_MODEL, "target": TARGET_MODEL, "llama": LLAMA_MODEL}
+    missing = [k for k in keys.values() if not is_fetched(k)]
+    if missing:
+        pytest.fail(f"real models not fetched: {missing}; run `make models` first")
+    return {role: model_path(key) for role, key in keys.items()}
