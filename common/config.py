@@ -148,6 +148,7 @@ class EngineConfig:
     kv_cache_memory_gib: float = 1.0
     max_model_len: int | None = None          # None: the model's max_position_embeddings (capped at 32768)
     max_num_seqs: int = 64
+    cpu_prepack: bool = True                  # oneDNN-packed matmul weights on CPU (common/layers/cpu_gemm.py)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

@@ -72,6 +72,8 @@ class ModelRunner:
             self.model = cls(self.model_config, self.tp, self.max_model_len, self.dtype)
         load_weights(self.model, config.model)
         self.model.eval()
+        if self.device.type == "cpu" and config.cpu_prepack:
+            self.model.prepack_cpu_weights()
         mc = self.model_config
         self.block_size = config.block_size
         num_blocks = config.resolved_num_kv_blocks(mc)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.distributed import TPGroup
+from common.layers.cpu_gemm import packed_linear, prepack
 from common.layers.weight_utils import copy_into, narrow_rows, shape_of
 from common.errors import CheckpointError
 
@@ -42,8 +43,17 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """logits = h Eᵀ over this rank's vocabulary slice, gathered into the full vocabulary on every rank."""
 
+    packed_weight: torch.Tensor | None = None
+
+    def prepack(self) -> None:
+        # The plain weight stays: a tied head shares it with the embedding lookup.
+        self.packed_weight = prepack(self.weight.data)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        logits = F.linear(hidden, self.weight)                  # [n, rows_per_rank]
+        if self.packed_weight is not None:
+            logits = packed_linear(hidden, self.packed_weight)  # [n, rows_per_rank]
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.world_size > 1:
             logits = self.tp.all_gather_last_dim(logits)        # [n, rows_per_rank * tp]
         return logits[:, :self.vocab_size]

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.distributed import TPGroup
+from common.layers.cpu_gemm import packed_linear, prepack
 from common.layers.weight_utils import copy_into, narrow_cols, narrow_rows, shape_of
 
 
@@ -21,6 +22,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPGroup):
         super().__init__()
         self.tp = tp
+        self.packed_weight: torch.Tensor | None = None
         self.output_size_per_rank = _divide(output_size, tp.world_size, "output_size")
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -34,7 +36,15 @@ class ColumnParallelLinear(nn.Module):
         size = param.shape[0]
         copy_into(param.data, narrow_rows(loaded, self.tp.rank * size, size), "column-parallel shard")
 
+    def prepack(self) -> None:
+        """Switch to a oneDNN-packed weight (CPU) and drop the plain copy."""
+        self.packed_weight = prepack(self.weight.data)
+        if self.packed_weight is not None:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -92,6 +102,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPGroup):
         super().__init__()
         self.tp = tp
+        self.packed_weight: torch.Tensor | None = None
         self.input_size_per_rank = _divide(input_size, tp.world_size, "input_size")
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -105,6 +116,9 @@ class RowParallelLinear(nn.Module):
         size = param.shape[1]
         copy_into(param.data, narrow_cols(loaded, self.tp.rank * size, size), "row-parallel shard")
 
+    prepack = ColumnParallelLinear.prepack
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        partial = packed_linear(x, self.packed_weight) if self.packed_weight is not None else F.linear(x, self.weight)
+        y = self.tp.all_reduce(partial)
         return y if self.bias is None else y + self.bias

@@ -100,6 +100,14 @@ class LlamaFamilyForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def prepack_cpu_weights(self) -> None:
+        """Pack every matmul weight for oneDNN (CPU only; see common/layers/cpu_gemm.py)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "prepack"):
+                module.prepack()
+        if not self.config.tie_word_embeddings and self.lm_head.packed_weight is not None:
+            self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, logits_index: torch.Tensor) -> torch.Tensor:
         # input_ids, positions [T]; logits_index [N] rows of T whose next-token logits are wanted -> [N, vocab]

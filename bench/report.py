@@ -1,0 +1,77 @@
+"""What every benchmark shares: machine facts, repetition statistics, the table and the JSON result file."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info(device: str = "cpu") -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.get_device_name()}"
+    return {"cpu": cpu, "cores": os.cpu_count(), "device": device, "torch": torch.__version__,
+            "python": sys.version.split()[0], "threads": torch.get_num_threads()}
+
+
+@dataclass(slots=True)
+class Stat:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Stat":
+        return cls(statistics.median(values), min(values), max(values))
+
+    def as_dict(self) -> dict:
+        return {"median": self.median, "min": self.min, "max": self.max}
+
+
+def goal(name: str, value: float, target: float, unit: str = "x", higher_is_better: bool = True) -> dict:
+    met = value >= target if higher_is_better else value <= target
+    return {"name": name, "value": round(value, 4), "target": target, "unit": unit, "met": bool(met)}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append([format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for j, line in enumerate(cells):
+        print("  ".join(c.rjust(w) if j else c.ljust(w) for c, w in zip(line, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_result(bench: str, config: dict, rows: list[dict], goals: list[dict], device: str = "cpu",
+                 name: str | None = None) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"{name or bench}.json"
+    doc = {"bench": bench, "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine_info(device), "config": config, "rows": rows, "goals": goals}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    return out
+
+
+def print_goals(goals: list[dict]) -> None:
+    for g in goals:
+        print(f"goal {g['name']}: {g['value']:.3f}{g['unit']} (target {g['target']}{g['unit']}) "
+              f"{'MET' if g['met'] else 'NOT MET'}")
