@@ -33,3 +33,23 @@ def build_checkpoint(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
             p.normal_(0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_tokenizer(path: Path, vocab_size: int, prefix: str = "w") -> Path:
+    """A word-level tokenizer over `vocab_size` tokens ("<eos>", "<w1>", "<w2>", …) saved beside a checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<eos>": 0, **{f"<{prefix}{i}>": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern=">", behavior="merged_with_previous")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
+    fast.save_pretrained(path)
+    return path
+
+
+def build_model_folder(path: Path, arch: str = "qwen2", seed: int = 0, vocab_size: int = 128,
+                       tokenizer_prefix: str = "w", **overrides) -> Path:
+    """A checkpoint plus a matching tokenizer: what the LLM API and the services need."""
+    build_checkpoint(path, arch, seed=seed, vocab_size=vocab_size, **overrides)
+    return build_tokenizer(path, vocab_size, tokenizer_prefix)

@@ -1,0 +1,176 @@
+"""The in-process API: `LLM(target, draft).generate(prompts, SamplingParams(...))`.
+
+The same engine the services run, in one process: every service path has this twin to be compared against.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from common.config import EngineConfig
+from common.engine.model_runner import ModelRunner, SequenceChunk
+from common.engine.tp_executor import TPExecutor
+from common.errors import ConfigError
+from common.spec.adaptive_k import AdaptiveK, CostModel
+from common.spec.decoder import Request, SpeculativeDecoder, SpecStats
+from common.spec.draft_model_proposer import DraftModelProposer
+from common.spec.ngram_proposer import NgramProposer
+from common.spec.sampling import SamplingParams
+from common.tokenizer import encode_prompt, load_tokenizer, stop_token_ids, vocab_fingerprint
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: SpecStats
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.as_dict()}
+
+
+def parse_num_speculative_tokens(value, k_max: int) -> int | str:
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"num_speculative_tokens={value!r}: must be an integer in [0, {k_max}] or 'auto'") from None
+    if not 0 <= k <= k_max:
+        raise ConfigError(f"num_speculative_tokens={k}: must be in [0, {k_max}] (k_max={k_max}) or 'auto'")
+    return k
+
+
+class LLM:
+    def __init__(self, target_path: str, draft_model_path: str | None = None,
+                 num_speculative_tokens: int | str = 4, tp_size: int = 1, dtype: str = "bfloat16",
+                 device: str = "cpu", k_max: int = 8, kv_cache_memory_gib: float = 1.0,
+                 max_model_len: int | None = None, max_num_seqs: int = 256):
+        if not 0 <= k_max <= 32:
+            raise ConfigError(f"k_max={k_max}: must be in [0, 32]")
+        self.k_max = k_max
+        self.k = parse_num_speculative_tokens(num_speculative_tokens, k_max)
+        self.tokenizer = load_tokenizer(target_path)
+        self.fingerprint = vocab_fingerprint(self.tokenizer)
+        draft_runner = None
+        if draft_model_path not in (None, "ngram"):
+            draft_fp = vocab_fingerprint(load_tokenizer(draft_model_path))
+            if draft_fp != self.fingerprint:
+                raise ConfigError(f"draft tokenizer differs from the target's: draft vocab fingerprint {draft_fp}, "
+                                  f"target {self.fingerprint} ({draft_model_path} vs {target_path})")
+        self.target = TPExecutor(EngineConfig(model=target_path, dtype=dtype, device=device, tp_size=tp_size,
+                                              kv_cache_memory_gib=kv_cache_memory_gib,
+                                              max_model_len=max_model_len, max_num_seqs=max_num_seqs))
+        if draft_model_path == "ngram":
+            self.proposer = NgramProposer()
+        elif draft_model_path is not None:
+            draft_runner = ModelRunner(EngineConfig(model=draft_model_path, dtype=dtype, device=device,
+                                                    kv_cache_memory_gib=kv_cache_memory_gib,
+                                                    max_model_len=self.target.runner.max_model_len,
+                                                    max_num_seqs=max_num_seqs))
+            if draft_runner.model_config.vocab_size != self.target.model_config.vocab_size:
+                raise ConfigError(f"draft vocab_size={draft_runner.model_config.vocab_size} differs from the "
+                                  f"target's {self.target.model_config.vocab_size}")
+            self.proposer = DraftModelProposer(draft_runner)
+        else:
+            self.proposer = None
+        self.draft_runner = draft_runner
+        self.costs = CostModel()
+        self.eos_token_ids = stop_token_ids(self.tokenizer, self.target.model_config.eos_token_ids)
+        self.decoder = SpeculativeDecoder(self.target, self.proposer, self.eos_token_ids,
+                                          costs=self.costs, stop_check=self._stop_string_hit)
+        if self.k == "auto" and self.proposer is not None:
+            self._calibrate()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.target.runner.max_model_len
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_chat_template: bool = False) -> list[RequestOutput]:
+        prompt_list = self._normalise_prompts(prompts)
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompt_list)
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts")
+        requests = [self._make_request(self._encode(p, use_chat_template), sp)
+                    for p, sp in zip(prompt_list, params_list)]
+        self.decoder.run(requests)
+        return [self._output(r) for r in requests]
+
+    def _make_request(self, ids: list[int], params: SamplingParams) -> Request:
+        if not ids:
+            raise ValueError("prompt: empty (no tokens)")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens, must be < max_model_len={self.max_model_len}")
+        vocab = self.target.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: token id outside the vocabulary [0, {vocab})")
+        controller = AdaptiveK(self.k_max, self.costs) if self.k == "auto" else None
+        return Request(list(ids), params, controller=controller, fixed_k=0 if self.k == "auto" else self.k)
+
+    def _output(self, r: Request) -> RequestOutput:
+        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        if r.params.stop:
+            cut = [text.find(s) for s in r.params.stop if s in text]
+            if cut:
+                text = text[:min(cut)]
+        return RequestOutput(r.prompt_ids, text, list(r.output_ids), r.finish_reason or "length", r.stats)
+
+    def _stop_string_hit(self, r: Request) -> bool:
+        tail = self.tokenizer.decode(r.output_ids[-64:], skip_special_tokens=True)
+        return any(s in tail for s in r.params.stop)
+
+    def _encode(self, prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("prompt: empty or whitespace only")
+            return encode_prompt(self.tokenizer, prompt, chat)
+        return [int(t) for t in prompt]
+
+    @staticmethod
+    def _normalise_prompts(prompts) -> list:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]
+        if not prompts:
+            raise ValueError("prompts: empty list")
+        return prompts
+
+    # ---- adaptive-K calibration ----------------------------------------------------------------------------
+    def _calibrate(self, reps: int = 3) -> None:
+        """Measure one draft step and target passes of 1..k_max+1 tokens, so round one already picks K well."""
+        probe = list(range(10, 42))
+        for n in [1, 3, 5, self.k_max + 1]:
+            for _ in range(reps):
+                self.target.forward([SequenceChunk(-1, probe)])
+                t = time.perf_counter()
+                self.target.forward([SequenceChunk(-1, probe[:n], num_logits=n)])
+                self.costs.observe_verify(n, time.perf_counter() - t)
+                self.target.free(-1)
+        if self.draft_runner is not None:
+            self.draft_runner.forward([SequenceChunk(-1, probe)])
+            for _ in range(reps):
+                t = time.perf_counter()
+                self.draft_runner.forward([SequenceChunk(-1, [7])])
+                self.costs.observe_draft(1, time.perf_counter() - t)
+            self.draft_runner.free(-1)
+
+    def close(self) -> None:
+        self.target.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,109 @@
+"""Adaptive K: pick the number of drafted tokens that maximises expected accepted tokens per second.
+
+With a_i the running probability that draft position i is accepted given that all before it were (an EMA per
+position), one round with K drafts emits E(K) = 1 + Σ_{j=1..K} Π_{i≤j} a_i tokens on average (for a constant
+α this is (1 − α^(K+1)) / (1 − α)) and costs K·t_draft + t_verify(K). K = 0 is plain decoding. When K = 0
+wins for a while, one short probe round keeps the acceptance estimates fresh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CostModel:
+    """Measured costs shared by all requests of an engine: one draft step, and a verify pass of n tokens."""
+    t_draft: float = 0.0                 # seconds per draft forward step
+    t_verify_base: float = 0.0           # seconds for a 1-token target pass
+    t_verify_per_token: float = 0.0      # extra seconds per additional verified token
+    smoothing: float = 0.2
+    _verify_obs: dict[int, float] = field(default_factory=dict)   # tokens -> EMA seconds
+
+    @property
+    def calibrated(self) -> bool:
+        return self.t_verify_base > 0
+
+    def observe_draft(self, steps: int, seconds: float) -> None:
+        if steps > 0:
+            self.t_draft = self._ema(self.t_draft, seconds / steps)
+
+    def observe_verify(self, num_tokens: int, seconds: float) -> None:
+        self._verify_obs[num_tokens] = self._ema(self._verify_obs.get(num_tokens, 0.0), seconds)
+        self._refit()
+
+    def verify_cost(self, k: int) -> float:
+        return self.t_verify_base + k * self.t_verify_per_token
+
+    def round_cost(self, k: int) -> float:
+        return k * self.t_draft + self.verify_cost(k)
+
+    def _ema(self, old: float, new: float) -> float:
+        return new if old == 0.0 else (1 - self.smoothing) * old + self.smoothing * new
+
+    def _refit(self) -> None:
+        # least squares line through (tokens, seconds); slope clamped >= 0 (a longer pass is never cheaper)
+        pts = sorted(self._verify_obs.items())
+        if len(pts) == 1:
+            (n, t), = pts
+            self.t_verify_base = t if n <= 1 else max(self.t_verify_base, t * 0.9)
+            return
+        mx = sum(n for n, _ in pts) / len(pts)
+        my = sum(t for _, t in pts) / len(pts)
+        var = sum((n - mx) ** 2 for n, _ in pts)
+        slope = max(0.0, sum((n - mx) * (t - my) for n, t in pts) / var) if var else 0.0
+        self.t_verify_per_token = slope
+        self.t_verify_base = max(1e-6, my - slope * (mx - 1))
+
+
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """E(K) = 1 + Σ_{j=1..K} Π_{i≤j} a_i."""
+    total, run = 1.0, 1.0
+    for i in range(k):
+        run *= acceptance[i]
+        total += run
+    return total
+
+
+class AdaptiveK:
+    def __init__(self, k_max: int, costs: CostModel, prior: float = 0.6, smoothing: float = 0.25,
+                 probe_every: int = 12):
+        if not 0 <= k_max <= 32:
+            raise ValueError(f"k_max={k_max}: must be in [0, 32]")
+        self.k_max = k_max
+        self.costs = costs
+        self.acceptance = [prior] * k_max
+        self.smoothing = smoothing
+        self.probe_every = probe_every
+        self._rounds_at_zero = 0
+
+    def choose(self, limit: int | None = None) -> int:
+        k_cap = self.k_max if limit is None else max(0, min(self.k_max, limit))
+        if k_cap == 0:
+            return 0
+        if not self.costs.calibrated:
+            return min(k_cap, 4)
+        best_k, best_rate = 0, expected_tokens(self.acceptance, 0) / self.costs.round_cost(0)
+        for k in range(1, k_cap + 1):
+            rate = expected_tokens(self.acceptance, k) / self.costs.round_cost(k)
+            if rate > best_rate * 1.0001:
+                best_k, best_rate = k, rate
+        if best_k == 0:
+            self._rounds_at_zero += 1
+            if self._rounds_at_zero >= self.probe_every:
+                self._rounds_at_zero = 0
+                return min(2, k_cap)
+        else:
+            self._rounds_at_zero = 0
+        return best_k
+
+    def observe(self, k: int, num_accepted: int) -> None:
+        """Position i < n was accepted; position n (if < K) was rejected; later ones were never tested."""
+        a = self.smoothing
+        for i in range(min(k, num_accepted + 1)):
+            hit = 1.0 if i < num_accepted else 0.0
+            self.acceptance[i] = (1 - a) * self.acceptance[i] + a * hit
+
+    def analytic_speedup(self, k: int) -> float:
+        """E(K) / (1 + K·c), with c = t_draft / t_verify: the ideal speedup over plain decoding."""
+        c = self.costs.t_draft / self.costs.t_verify_base if self.costs.calibrated else 0.0
+        return expected_tokens(self.acceptance, k) / (1 + k * c)

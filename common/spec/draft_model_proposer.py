@@ -1,0 +1,88 @@
+"""A small draft model proposes K tokens autoregressively from its own paged KV cache.
+
+The proposer remembers which tokens its KV holds for each sequence; a new round keeps the longest prefix
+shared with the committed context (rejected drafts fall away) and feeds only the rest, so rollback needs no
+message from the verifier. Sampled rounds draw from q′: the request's temperature / top-k / top-p, with the
+support further capped at `max_support` tokens so q′ travels sparsely; any q′ keeps the sampler exact.
+"""
+from __future__ import annotations
+
+import torch
+
+from common.spec.proposal import DraftProposal, SparseDistribution
+from common.spec.proposer import ProposeRequest
+from common.spec.sampling import PURPOSE_DRAFT, make_generator, sample_from, truncate_distribution
+from common.engine.model_runner import SequenceChunk
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class DraftModelProposer:
+    has_model = True
+
+    def __init__(self, runner, max_support: int = 32):
+        self.runner = runner                     # a ModelRunner / TPExecutor of the draft model
+        self.max_support = max_support
+        self._kv_tokens: dict[int, list[int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.runner.model_config.vocab_size
+
+    def propose(self, requests: list[ProposeRequest]) -> list[DraftProposal]:
+        if not requests:
+            return []
+        proposals = [DraftProposal([], None if r.params.greedy else []) for r in requests]
+        chunks = []
+        for r in requests:
+            chunks.append(SequenceChunk(r.seq_id, self._sync(r.seq_id, r.context)))
+        active = list(range(len(requests)))
+        step = 0
+        while active:
+            logits = self.runner.forward(chunks)                 # one [1, vocab] per active request
+            still, chunks = [], []
+            for i, row in zip(active, logits):
+                r = requests[i]
+                token = self._draw(row[-1], r, step, proposals[i])
+                proposals[i].token_ids.append(token)
+                if len(proposals[i].token_ids) < r.k:
+                    still.append(i)
+                    chunks.append(SequenceChunk(r.seq_id, [token]))
+                    self._kv_tokens[r.seq_id].append(token)
+            active = still
+            step += 1
+        return proposals
+
+    def _sync(self, seq_id: int, context: list[int]) -> list[int]:
+        """Roll the draft KV back to its longest prefix shared with `context`; return the tokens to feed."""
+        if not context:
+            raise ValueError(f"sequence {seq_id}: empty context")
+        cached = self._kv_tokens.get(seq_id, [])
+        keep = min(common_prefix_len(cached, context), len(context) - 1)   # feed >= 1 token to get logits
+        if seq_id in self._kv_tokens:
+            self.runner.truncate(seq_id, keep)
+        self._kv_tokens[seq_id] = list(context)
+        return context[keep:]
+
+    def _draw(self, logits: torch.Tensor, r: ProposeRequest, step: int, proposal: DraftProposal) -> int:
+        # logits [vocab]
+        if r.params.greedy:
+            return int(logits.argmax())
+        p = r.params
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1).unsqueeze(0)
+        top_k = min(p.top_k, self.max_support) if p.top_k else self.max_support
+        q = truncate_distribution(probs, top_k, p.top_p, p.min_p)[0]      # q′ [vocab]
+        position = len(r.context) + step
+        token = sample_from(q, make_generator(p.seed, PURPOSE_DRAFT, r.round_index, position))
+        proposal.dists.append(SparseDistribution.from_dense(q))
+        return token
+
+    def release(self, seq_id: int) -> None:
+        if self._kv_tokens.pop(seq_id, None) is not None:
+            self.runner.free(seq_id)
