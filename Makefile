@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models test test-fast demo bench bench-engine protos clean
+.PHONY: install models test test-fast demo bench bench-engine bench-spec clean
 
 install: $(STAMP)
 
@@ -35,10 +35,13 @@ test-fast: install
 demo: install models
 	$(VENV)/bin/specd demo
 
-bench: bench-engine
+bench: bench-engine bench-spec
 
 bench-engine: install models
 	$(PY) -m bench.engine
+
+bench-spec: install models
+	$(PY) -m bench.spec
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -27,9 +27,9 @@ def _cmd_models_list(args) -> int:
 
 def _cmd_demo(args) -> int:
     from common.engine.demo import run_demo
-    from common.models.fetch import TARGET_MODEL, model_path
-    run_demo(args.model or str(model_path(TARGET_MODEL)), dtype=args.dtype, max_new_tokens=args.max_tokens,
-             tp_size=args.tp)
+    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, model_path
+    run_demo(args.target or str(model_path(TARGET_MODEL)), args.draft or str(model_path(DRAFT_MODEL)),
+             dtype=args.dtype, max_new_tokens=args.max_tokens, tp_size=args.tp)
     return 0
 
 
@@ -83,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--models-dir", default=None)
     lst.set_defaults(func=_cmd_models_list)
 
-    demo = sub.add_parser("demo", help="generate with the real target model and print tokens/s")
-    demo.add_argument("--model", default=None, help="model folder (default: the fetched target)")
+    demo = sub.add_parser("demo", help="target-only vs speculative generation on the real pair, with tokens/s")
+    demo.add_argument("--target", default=None, help="target folder (default: the fetched 1.5B)")
+    demo.add_argument("--draft", default=None, help="draft folder (default: the fetched 0.5B)")
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    demo.add_argument("--max-tokens", type=int, default=64)
+    demo.add_argument("--max-tokens", type=int, default=96)
     demo.add_argument("--tp", type=int, default=1)
     demo.set_defaults(func=_cmd_demo)
     gen = sub.add_parser("generate", help="generate text in process (speculative decoding)")

@@ -67,9 +67,9 @@ class LLM:
         self.target = TPExecutor(EngineConfig(model=target_path, dtype=dtype, device=device, tp_size=tp_size,
                                               kv_cache_memory_gib=kv_cache_memory_gib,
                                               max_model_len=max_model_len, max_num_seqs=max_num_seqs))
-        if draft_model_path == "ngram":
-            self.proposer = NgramProposer()
-        elif draft_model_path is not None:
+        # n-gram lookup costs nothing to keep around, so it is always offered; the draft model when given.
+        self.proposers: dict[str, object] = {"ngram": NgramProposer()}
+        if draft_model_path not in (None, "ngram"):
             draft_runner = ModelRunner(EngineConfig(model=draft_model_path, dtype=dtype, device=device,
                                                     kv_cache_memory_gib=kv_cache_memory_gib,
                                                     max_model_len=self.target.runner.max_model_len,
@@ -77,15 +77,14 @@ class LLM:
             if draft_runner.model_config.vocab_size != self.target.model_config.vocab_size:
                 raise ConfigError(f"draft vocab_size={draft_runner.model_config.vocab_size} differs from the "
                                   f"target's {self.target.model_config.vocab_size}")
-            self.proposer = DraftModelProposer(draft_runner)
-        else:
-            self.proposer = None
+            self.proposers["draft"] = DraftModelProposer(draft_runner)
+        self.default_proposer = {None: None, "ngram": "ngram"}.get(draft_model_path, "draft")
         self.draft_runner = draft_runner
-        self.costs = CostModel()
+        self.costs = {name: CostModel() for name in self.proposers}
         self.eos_token_ids = stop_token_ids(self.tokenizer, self.target.model_config.eos_token_ids)
-        self.decoder = SpeculativeDecoder(self.target, self.proposer, self.eos_token_ids,
-                                          costs=self.costs, stop_check=self._stop_string_hit)
-        if self.k == "auto" and self.proposer is not None:
+        self.decoder = SpeculativeDecoder(self.target, None, self.eos_token_ids, stop_check=self._stop_string_hit)
+        self._calibrated = False
+        if self.k == "auto" and self.default_proposer is not None:
             self._calibrate()
 
     @property
@@ -95,18 +94,29 @@ class LLM:
     # ---- generation ----------------------------------------------------------------------------------------
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_chat_template: bool = False) -> list[RequestOutput]:
+                 use_chat_template: bool = False, num_speculative_tokens: int | str | None = None,
+                 proposer: str | None = ...) -> list[RequestOutput]:
+        """Generate for every prompt (one batch). `num_speculative_tokens` and `proposer` ("draft", "ngram" or
+        None for target-only) override the constructor's choice for this call."""
+        k = self.k if num_speculative_tokens is None else parse_num_speculative_tokens(num_speculative_tokens,
+                                                                                        self.k_max)
+        name = self.default_proposer if proposer is ... else proposer
+        if name is not None and name not in self.proposers:
+            raise ConfigError(f"proposer={name!r}: available here: {', '.join(self.proposers)} or None")
+        if k == "auto" and name is not None and not self._calibrated:
+            self._calibrate()
         prompt_list = self._normalise_prompts(prompts)
         params = sampling_params or SamplingParams()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts")
-        requests = [self._make_request(self._encode(p, use_chat_template), sp)
+        costs = self.costs[name] if name is not None else None
+        requests = [self._make_request(self._encode(p, use_chat_template), sp, k, costs)
                     for p, sp in zip(prompt_list, params_list)]
-        self.decoder.run(requests)
+        self.decoder.run(requests, self.proposers[name] if name is not None else None, costs)
         return [self._output(r) for r in requests]
 
-    def _make_request(self, ids: list[int], params: SamplingParams) -> Request:
+    def _make_request(self, ids: list[int], params: SamplingParams, k, costs) -> Request:
         if not ids:
             raise ValueError("prompt: empty (no tokens)")
         if len(ids) >= self.max_model_len:
@@ -114,8 +124,8 @@ class LLM:
         vocab = self.target.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token id outside the vocabulary [0, {vocab})")
-        controller = AdaptiveK(self.k_max, self.costs) if self.k == "auto" else None
-        return Request(list(ids), params, controller=controller, fixed_k=0 if self.k == "auto" else self.k)
+        controller = AdaptiveK(self.k_max, costs) if k == "auto" and costs is not None else None
+        return Request(list(ids), params, controller=controller, fixed_k=0 if k == "auto" else k)
 
     def _output(self, r: Request) -> RequestOutput:
         text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
@@ -151,20 +161,23 @@ class LLM:
     def _calibrate(self, reps: int = 3) -> None:
         """Measure one draft step and target passes of 1..k_max+1 tokens, so round one already picks K well."""
         probe = list(range(10, 42))
-        for n in [1, 3, 5, self.k_max + 1]:
+        for n in sorted({1, 3, 5, self.k_max + 1}):
             for _ in range(reps):
                 self.target.forward([SequenceChunk(-1, probe)])
                 t = time.perf_counter()
                 self.target.forward([SequenceChunk(-1, probe[:n], num_logits=n)])
-                self.costs.observe_verify(n, time.perf_counter() - t)
+                dt = time.perf_counter() - t
+                for costs in self.costs.values():
+                    costs.observe_verify(n, dt)
                 self.target.free(-1)
         if self.draft_runner is not None:
             self.draft_runner.forward([SequenceChunk(-1, probe)])
             for _ in range(reps):
                 t = time.perf_counter()
                 self.draft_runner.forward([SequenceChunk(-1, [7])])
-                self.costs.observe_draft(1, time.perf_counter() - t)
+                self.costs["draft"].observe_draft(1, time.perf_counter() - t)
             self.draft_runner.free(-1)
+        self._calibrated = True
 
     def close(self) -> None:
         self.target.shutdown()

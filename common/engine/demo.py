@@ -1,38 +1,37 @@
-"""`specd demo` (engine stage): greedy generation on the real target model, with timing."""
+"""`specd demo` (in-process stage): the real Qwen2.5-Coder pair, target-only vs speculative, with timing."""
 from __future__ import annotations
 
 import time
 
-import torch
-
-from common.config import EngineConfig
-from common.engine.greedy import greedy_generate
-from common.engine.tp_executor import TPExecutor
-from common.tokenizer import encode_prompt, load_tokenizer, stop_token_ids
+from common.llm import LLM
+from common.spec.sampling import SamplingParams
 
 DEMO_PROMPTS = [
-    ("code", "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n", False),
-    ("chat", "Write a Python function that checks whether a string is a palindrome.", True),
+    ("code completion", "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n", False),
+    ("code chat", "Write a Python function that checks whether a string is a palindrome.", True),
 ]
 
 
-def run_demo(model_path: str, dtype: str = "bfloat16", max_new_tokens: int = 64, tp_size: int = 1) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def run_demo(target: str, draft: str, dtype: str = "bfloat16", max_new_tokens: int = 96, tp_size: int = 1) -> None:
     t0 = time.perf_counter()
-    tokenizer = load_tokenizer(model_path)
-    executor = TPExecutor(EngineConfig(model=model_path, dtype=dtype, tp_size=tp_size, kv_cache_memory_gib=0.5))
-    print(f"loaded {model_path} ({dtype}, tp={tp_size}) in {time.perf_counter() - t0:.1f}s", flush=True)
-    eos = stop_token_ids(tokenizer, executor.model_config.eos_token_ids)
-    try:
+    print(f"loading target {target}\n    and draft {draft} ({dtype}, tp={tp_size}) …", flush=True)
+    with LLM(target, draft, num_speculative_tokens="auto", dtype=dtype, tp_size=tp_size,
+             kv_cache_memory_gib=0.5) as llm:
+        print(f"loaded and calibrated in {time.perf_counter() - t0:.1f}s", flush=True)
+        params = SamplingParams(max_tokens=max_new_tokens)
         for name, prompt, chat in DEMO_PROMPTS:
-            ids = encode_prompt(tokenizer, prompt, chat)
-            t = time.perf_counter()
-            [res] = greedy_generate(executor, [ids], max_new_tokens, eos,
-                                    on_step=lambda s: print(".", end="", flush=True) if s % 8 == 0 else None)
-            dt = time.perf_counter() - t
-            n = len(res.token_ids)
-            print(f"\n--- {name} prompt ({len(ids)} tokens) ---\n{prompt}")
-            print(f"--- completion ({n} tokens, {n / dt:.1f} tokens/s, finish={res.finish_reason}) ---")
-            print(tokenizer.decode(res.token_ids, skip_special_tokens=True))
-    finally:
-        executor.shutdown()
+            print(f"\n=== {name} ===\n{prompt}", flush=True)
+            timings = {}
+            for label, proposer in (("target only", None), ("speculative (draft, K=auto)", "draft")):
+                t = time.perf_counter()
+                [out] = llm.generate([prompt], params, use_chat_template=chat, proposer=proposer)
+                dt = time.perf_counter() - t
+                timings[label] = (len(out.token_ids) / dt, out)
+            (base_tps, base), (spec_tps, spec) = timings.values()
+            print(f"--- completion ({len(spec.token_ids)} tokens, finish={spec.finish_reason}) ---\n{spec.text}")
+            s = spec.stats
+            print(f"--- target only: {base_tps:.1f} tokens/s | speculative: {spec_tps:.1f} tokens/s "
+                  f"({spec_tps / base_tps:.2f}x), acceptance {s.acceptance_rate:.0%}, "
+                  f"mean acceptance length {s.mean_acceptance_length:.2f}, mean K "
+                  f"{sum(s.k_chosen) / max(1, len(s.k_chosen)):.1f}; identical output: "
+                  f"{base.token_ids == spec.token_ids}")

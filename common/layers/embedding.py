@@ -21,7 +21,8 @@ class VocabParallelEmbedding(nn.Module):
         self.rows_per_rank = -(-vocab_size // tp.world_size)
         self.vocab_start = tp.rank * self.rows_per_rank
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
-        self.weight = nn.Parameter(torch.zeros(self.rows_per_rank, hidden_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
+        self.weight.data[self.vocab_end - self.vocab_start:].zero_()   # padding rows of the last slice
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:

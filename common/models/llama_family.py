@@ -18,7 +18,7 @@ from common.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary: RotaryEmbedding):
         super().__init__()
         self.num_heads = cfg.num_heads // tp.world_size
         self.num_kv_heads = cfg.num_kv_heads // tp.world_size
@@ -28,7 +28,7 @@ class Attention(nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
                                           cfg.qkv_bias, tp)
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, tp)
-        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, dtype)
+        self.rotary = rotary                                          # one cos/sin table shared by all layers
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -62,10 +62,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, rotary: RotaryEmbedding):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp, max_positions, dtype)
+        self.self_attn = Attention(cfg, tp, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
@@ -78,7 +78,8 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TPGroup, max_positions: int, dtype: torch.dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, max_positions, dtype) for _ in range(cfg.num_layers))
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, dtype)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

@@ -1,7 +1,8 @@
 """Adaptive K: pick the number of drafted tokens that maximises expected accepted tokens per second.
 
 With a_i the running probability that draft position i is accepted given that all before it were (an EMA per
-position), one round with K drafts emits E(K) = 1 + Σ_{j=1..K} Π_{i≤j} a_i tokens on average (for a constant
+position; a position tested fewer than `min_observations` times borrows the pooled per-token EMA, so that
+positions a small K never reaches are not stuck at the prior), one round with K drafts emits E(K) = 1 + Σ_{j=1..K} Π_{i≤j} a_i tokens on average (for a constant
 α this is (1 − α^(K+1)) / (1 − α)) and costs K·t_draft + t_verify(K). K = 0 is plain decoding. When K = 0
 wins for a while, one short probe round keeps the acceptance estimates fresh.
 """
@@ -71,10 +72,19 @@ class AdaptiveK:
             raise ValueError(f"k_max={k_max}: must be in [0, 32]")
         self.k_max = k_max
         self.costs = costs
-        self.acceptance = [prior] * k_max
+        self.per_position = [prior] * k_max
+        self.observations = [0] * k_max
+        self.pooled = prior                  # per-token acceptance over every tested position
+        self.min_observations = 4
         self.smoothing = smoothing
         self.probe_every = probe_every
         self._rounds_at_zero = 0
+
+    @property
+    def acceptance(self) -> list[float]:
+        """a_1..a_kmax as the controller uses them."""
+        return [a if n >= self.min_observations else self.pooled
+                for a, n in zip(self.per_position, self.observations)]
 
     def choose(self, limit: int | None = None) -> int:
         k_cap = self.k_max if limit is None else max(0, min(self.k_max, limit))
@@ -82,9 +92,10 @@ class AdaptiveK:
             return 0
         if not self.costs.calibrated:
             return min(k_cap, 4)
-        best_k, best_rate = 0, expected_tokens(self.acceptance, 0) / self.costs.round_cost(0)
+        acceptance = self.acceptance
+        best_k, best_rate = 0, expected_tokens(acceptance, 0) / self.costs.round_cost(0)
         for k in range(1, k_cap + 1):
-            rate = expected_tokens(self.acceptance, k) / self.costs.round_cost(k)
+            rate = expected_tokens(acceptance, k) / self.costs.round_cost(k)
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         if best_k == 0:
@@ -101,7 +112,9 @@ class AdaptiveK:
         a = self.smoothing
         for i in range(min(k, num_accepted + 1)):
             hit = 1.0 if i < num_accepted else 0.0
-            self.acceptance[i] = (1 - a) * self.acceptance[i] + a * hit
+            self.per_position[i] = (1 - a) * self.per_position[i] + a * hit
+            self.observations[i] += 1
+            self.pooled = (1 - a / 2) * self.pooled + (a / 2) * hit
 
     def analytic_speedup(self, k: int) -> float:
         """E(K) / (1 + K·c), with c = t_draft / t_verify: the ideal speedup over plain decoding."""

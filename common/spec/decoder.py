@@ -31,6 +31,7 @@ class SpecStats:
     accepted_per_position: list[int] = field(default_factory=list)
     drafted_per_position: list[int] = field(default_factory=list)
     k_chosen: list[int] = field(default_factory=list)
+    per_round_accepted: list[int] = field(default_factory=list)
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
 
@@ -48,6 +49,7 @@ class SpecStats:
         self.drafted += k
         self.accepted += num_accepted
         self.k_chosen.append(k)
+        self.per_round_accepted.append(num_accepted)
         while len(self.drafted_per_position) < k:
             self.drafted_per_position.append(0)
             self.accepted_per_position.append(0)
@@ -103,8 +105,16 @@ class SpeculativeDecoder:
         self.costs = costs or CostModel()
         self.stop_check = stop_check
 
-    def run(self, requests: list[Request]) -> None:
-        """Decode every request to completion, batching all unfinished ones in each round."""
+    def run(self, requests: list[Request], proposer=..., costs: CostModel | None = None) -> None:
+        """Decode every request to completion, batching all unfinished ones in each round.
+
+        `proposer` / `costs` override the decoder's own for this call (None proposer = target only).
+        """
+        saved = self.proposer, self.costs
+        if proposer is not ...:
+            self.proposer = proposer
+        if costs is not None:
+            self.costs = costs
         try:
             active = [r for r in requests if not r.finished]
             while active:
@@ -113,6 +123,7 @@ class SpeculativeDecoder:
         finally:
             for r in requests:
                 self.release(r)
+            self.proposer, self.costs = saved
 
     def release(self, r: Request) -> None:
         self.target.free(r.seq_id)
