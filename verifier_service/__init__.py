@@ -1,0 +1,1 @@
+"""The verifier service: the target model (tensor-parallel) scoring draft tokens for many sessions at once."""

@@ -1,0 +1,110 @@
+"""The verifier engine without gRPC: sessions, idempotent rounds, continuous batching, release."""
+import threading
+
+import pytest
+
+from common.config import EngineConfig
+from common.engine.tp_executor import TPExecutor
+from common.llm import LLM
+from common.spec.proposal import DraftProposal
+from common.spec.sampling import SamplingParams
+from tests.checkpoints import build_model_folder
+from verifier_service.engine import VerifierEngine, VerifyCall
+from verifier_service.sessions import RoundMismatchError, UnknownSessionError
+
+GREEDY = SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(build_model_folder(tmp_path_factory.mktemp("verifier") / "target", seed=5))
+
+
+@pytest.fixture()
+def engine(folder):
+    ex = TPExecutor(EngineConfig(model=folder, dtype="float32", num_kv_blocks=256))
+    eng = VerifierEngine(ex, k_max=8, max_queue=64)
+    yield eng
+    eng.shutdown()
+    ex.shutdown()
+
+
+def _verify(engine, sid, rnd, committed, new, drafts=()):
+    return engine.submit(VerifyCall(sid, rnd, committed, list(new), DraftProposal(list(drafts)), GREEDY)).result(30)
+
+
+def test_rounds_follow_target_only_greedy(engine, folder):
+    prompt = [4, 8, 15, 16, 23, 42]
+    with LLM(folder, dtype="float32", kv_cache_memory_gib=0.02) as llm:
+        expected = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    out = []
+    r = _verify(engine, "s", 0, len(prompt), prompt)
+    out.append(r.next_token)
+    rnd = 1
+    while len(out) < 12:
+        # propose the right continuation for two tokens, then a wrong one: acceptance must stop there
+        drafts = expected[len(out):len(out) + 2] + [(expected[len(out) + 2] + 1) % 128] \
+            if len(out) + 3 <= 12 else []
+        committed = len(prompt) + len(out)
+        r = _verify(engine, "s", rnd, committed, [out[-1]], drafts)
+        assert r.truncate_to == committed + len(r.accepted)
+        out += r.accepted + [r.next_token]
+        rnd += 1
+    assert out[:12] == expected
+
+
+def test_retried_round_replays_the_reply_and_keeps_the_kv(engine):
+    first = _verify(engine, "r", 0, 3, [1, 2, 3])
+    kv_before = engine.executor.num_tokens(engine.sessions.get("r").seq_id)
+    again = _verify(engine, "r", 0, 3, [1, 2, 3])
+    assert again == first
+    assert engine.executor.num_tokens(engine.sessions.get("r").seq_id) == kv_before == 3
+
+
+def test_round_out_of_order_names_the_expected_round(engine):
+    _verify(engine, "o", 0, 2, [1, 2])
+    with pytest.raises(RoundMismatchError, match="round=5 but the session expects round 1") as e:
+        _verify(engine, "o", 5, 3, [9])
+    assert e.value.expected_round == 1
+
+
+def test_unknown_session(engine):
+    with pytest.raises(UnknownSessionError, match="re-prefill"):
+        _verify(engine, "nope", 3, 10, [1])
+
+
+def test_concurrent_sessions_share_forward_passes_and_release_frees_blocks(engine):
+    free0 = engine.executor.allocator.num_free
+    results = {}
+
+    def worker(i):
+        sid = f"c{i}"
+        r = _verify(engine, sid, 0, 4, [i + 1, 2, 3, 4])
+        committed = 5
+        for rnd in range(1, 6):
+            r = _verify(engine, sid, rnd, committed, [r.next_token])
+            committed += 1
+        results[i] = r
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and max(engine.batch_sizes) > 1          # batching really happened
+    for i in range(8):
+        assert engine.release(f"c{i}") is True
+    assert engine.release("c0") is False
+    assert engine.executor.allocator.num_free == free0
+
+
+@pytest.mark.parametrize("call,match", [
+    (VerifyCall("", 0, 1, [1], DraftProposal([]), GREEDY), "session_id"),
+    (VerifyCall("b", 0, 1, [], DraftProposal([]), GREEDY), "new_tokens"),
+    (VerifyCall("b", 0, 1, [1], DraftProposal([1] * 9), GREEDY), "K=9 must be in \\[0, 8\\]"),
+    (VerifyCall("b", 0, 1, [1000], DraftProposal([]), GREEDY), "outside the vocabulary"),
+    (VerifyCall("b", 0, 1, [1], DraftProposal([3]), SamplingParams(temperature=1.0)), "one draft distribution"),
+])
+def test_bad_calls_are_refused_before_queueing(engine, call, match):
+    with pytest.raises(ValueError, match=match):
+        engine.submit(call)

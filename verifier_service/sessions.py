@@ -1,0 +1,71 @@
+"""Verifier sessions: which KV sequence serves a gateway request, which round comes next, the last reply."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from common.errors import SpecdError
+
+
+class UnknownSessionError(SpecdError):
+    """The session does not exist here (never created, released, expired, or the verifier restarted)."""
+
+
+class RoundMismatchError(SpecdError):
+    """A Verify whose round or committed length does not follow the session's state."""
+
+    def __init__(self, message: str, expected_round: int):
+        super().__init__(message)
+        self.expected_round = expected_round
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    accepted: list[int]
+    next_token: int
+    is_bonus: bool
+    truncate_to: int           # the verifier's KV now holds exactly this many tokens of the session
+    round: int
+    batch_size: int
+    compute_ms: float
+
+
+@dataclass(slots=True)
+class Session:
+    session_id: str
+    seq_id: int
+    next_round: int = 0
+    kv_len: int = 0                           # tokens of the session whose K/V are cached
+    last_result: VerifyResult | None = None   # replayed for a retried round (idempotency)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionTable:
+    def __init__(self, ttl_s: float, max_sessions: int):
+        self.ttl_s = ttl_s
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+        self._next_seq = 1
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def create(self, session_id: str) -> Session:
+        if len(self._sessions) >= self.max_sessions:
+            from common.errors import KVCacheExhaustedError
+            raise KVCacheExhaustedError(f"too many sessions: {len(self._sessions)} open, max_sessions="
+                                        f"{self.max_sessions}")
+        s = Session(session_id, self._next_seq)
+        self._next_seq += 1
+        self._sessions[session_id] = s
+        return s
+
+    def pop(self, session_id: str) -> Session | None:
+        return self._sessions.pop(session_id, None)
+
+    def expired(self, now: float | None = None) -> list[Session]:
+        now = time.monotonic() if now is None else now
+        return [s for s in self._sessions.values() if now - s.last_used > self.ttl_s]
