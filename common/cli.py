@@ -37,6 +37,9 @@ def _cmd_generate(args) -> int:
     import json
     import time
 
+    if args.gateway:
+        return _generate_via_gateway(args)
+
     from common.errors import SpecdError
     from common.llm import LLM
     from common.models.fetch import TARGET_MODEL, model_path
@@ -66,6 +69,82 @@ def _cmd_generate(args) -> int:
         print(f"specd generate: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _generate_via_gateway(args) -> int:
+    import json
+
+    import grpc
+
+    from gateway.client import SpecdClient
+    with SpecdClient(args.gateway) as client:
+        for prompt in args.prompts:
+            kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop, use_chat_template=args.chat,
+                          num_speculative_tokens=args.k)
+            try:
+                if args.json:
+                    r = client.generate(prompt, **kwargs)
+                    print(json.dumps({"prompt": prompt, "text": r.text, "token_ids": list(r.token_ids),
+                                      "finish_reason": r.finish_reason, "stats": {
+                                          "rounds": r.stats.rounds, "drafted": r.stats.drafted,
+                                          "accepted": r.stats.accepted, "acceptance_rate": r.stats.acceptance_rate,
+                                          "mean_acceptance_length": r.stats.mean_acceptance_length,
+                                          "total_ms": r.stats.total_ms}}))
+                    continue
+                for chunk in client.stream(prompt, **kwargs):
+                    print(chunk.text, end="", flush=True)
+                    if chunk.finish_reason:
+                        s = chunk.stats
+                        n = sum(s.accepted_per_position) + s.rounds
+                        print(f"\n[finish={chunk.finish_reason} rounds={s.rounds} acceptance={s.acceptance_rate:.2f}"
+                              f" mean_acceptance_length={s.mean_acceptance_length:.2f} "
+                              f"{n / max(s.total_ms, 1e-9) * 1000:.1f} tokens/s]", file=sys.stderr)
+            except grpc.RpcError as e:
+                print(f"specd generate: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 2
+    return 0
+
+
+def _serve(module: str):
+    def run(args) -> int:
+        import asyncio
+        import importlib
+        asyncio.run(importlib.import_module(module).serve(args))
+        return 0
+    return run
+
+
+def _cmd_up_local(args) -> int:
+    import signal
+    import time
+
+    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, model_path
+    from gateway.topology import LocalTopology
+    topo = LocalTopology(args.target or str(model_path(TARGET_MODEL)), args.draft or str(model_path(DRAFT_MODEL)),
+                         tp=args.tp, dtype=args.dtype, k=args.k)
+    print(f"starting verifier (tp={args.tp}), draft and gateway as local processes …", flush=True)
+    try:
+        topo.start()
+        print(f"up: gateway 127.0.0.1:{topo.gateway_port}  draft :{topo.draft_port}  verifier :{topo.verifier_port}"
+              "\ntry: specd generate --gateway 127.0.0.1:50051 'def fib(n):'   (Ctrl-C stops everything)", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while all(p.poll() is None for p in topo.procs.values()):
+            time.sleep(1)
+        print("a service exited; stopping the rest", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        topo.stop()
+        print("stopped", flush=True)
+
+
+def _cmd_health(args) -> int:
+    from common.rpc.health_check import check
+    ok, message = check(args.target, args.service, args.timeout)
+    print(message)
+    return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +185,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=int, default=1)
     gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, stats")
+    gen.add_argument("--gateway", default=None, help="host:port: generate through a running gateway instead")
     gen.set_defaults(func=_cmd_generate)
+
+    from draft_service.main import add_arguments as draft_args
+    from gateway.main import add_arguments as gateway_args
+    from verifier_service.main import add_arguments as verifier_args
+    for name, add, module, helptext in (
+            ("draft", draft_args, "draft_service.main", "serve the draft model (DraftService)"),
+            ("verifier", verifier_args, "verifier_service.main", "serve the target model (VerifierService)"),
+            ("gateway", gateway_args, "gateway.main", "serve the public Gateway API")):
+        sp = sub.add_parser(name, help=helptext)
+        add(sp)
+        sp.set_defaults(func=_serve(module))
+
+    up = sub.add_parser("up-local", help="run verifier (TP), draft and gateway as local processes")
+    up.add_argument("--target", default=None)
+    up.add_argument("--draft", default=None)
+    up.add_argument("--tp", type=int, default=2)
+    up.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    up.add_argument("--k", default="auto")
+    up.set_defaults(func=_cmd_up_local)
+
+    health = sub.add_parser("health", help="exit 0 if a service reports SERVING, else 1")
+    health.add_argument("target", help="host:port")
+    health.add_argument("--service", default="", help="service name (default: the server as a whole)")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(func=_cmd_health)
     return p
 
 

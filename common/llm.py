@@ -17,7 +17,8 @@ from common.spec.decoder import Request, SpeculativeDecoder, SpecStats
 from common.spec.draft_model_proposer import DraftModelProposer
 from common.spec.ngram_proposer import NgramProposer
 from common.spec.sampling import SamplingParams
-from common.tokenizer import encode_prompt, load_tokenizer, stop_token_ids, vocab_fingerprint
+from common.tokenizer import (encode_prompt, load_tokenizer, stop_string_checker, stop_token_ids,
+                              vocab_fingerprint)
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
@@ -55,6 +56,7 @@ class LLM:
         if not 0 <= k_max <= 32:
             raise ConfigError(f"k_max={k_max}: must be in [0, 32]")
         self.k_max = k_max
+        self.max_num_seqs = max_num_seqs
         self.k = parse_num_speculative_tokens(num_speculative_tokens, k_max)
         self.tokenizer = load_tokenizer(target_path)
         self.fingerprint = vocab_fingerprint(self.tokenizer)
@@ -82,7 +84,8 @@ class LLM:
         self.draft_runner = draft_runner
         self.costs = {name: CostModel() for name in self.proposers}
         self.eos_token_ids = stop_token_ids(self.tokenizer, self.target.model_config.eos_token_ids)
-        self.decoder = SpeculativeDecoder(self.target, None, self.eos_token_ids, stop_check=self._stop_string_hit)
+        self.decoder = SpeculativeDecoder(self.target, None, self.eos_token_ids,
+                                          stop_check=stop_string_checker(self.tokenizer))
         self._calibrated = False
         if self.k == "auto" and self.default_proposer is not None:
             self._calibrate()
@@ -113,7 +116,9 @@ class LLM:
         costs = self.costs[name] if name is not None else None
         requests = [self._make_request(self._encode(p, use_chat_template), sp, k, costs)
                     for p, sp in zip(prompt_list, params_list)]
-        self.decoder.run(requests, self.proposers[name] if name is not None else None, costs)
+        proposer_obj = self.proposers[name] if name is not None else None
+        for start in range(0, len(requests), self.max_num_seqs):      # more prompts than sequences: waves
+            self.decoder.run(requests[start:start + self.max_num_seqs], proposer_obj, costs)
         return [self._output(r) for r in requests]
 
     def _make_request(self, ids: list[int], params: SamplingParams, k, costs) -> Request:
@@ -134,10 +139,6 @@ class LLM:
             if cut:
                 text = text[:min(cut)]
         return RequestOutput(r.prompt_ids, text, list(r.output_ids), r.finish_reason or "length", r.stats)
-
-    def _stop_string_hit(self, r: Request) -> bool:
-        tail = self.tokenizer.decode(r.output_ids[-64:], skip_special_tokens=True)
-        return any(s in tail for s in r.params.stop)
 
     def _encode(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):

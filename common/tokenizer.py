@@ -42,3 +42,11 @@ def stop_token_ids(tokenizer, model_eos: tuple[int, ...] = ()) -> tuple[int, ...
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
     return tuple(sorted(ids))
+
+
+def stop_string_checker(tokenizer):
+    """A StopCheck: True once the request's recent output text contains one of its stop strings."""
+    def hit(r) -> bool:
+        tail = tokenizer.decode(r.output_ids[-64:], skip_special_tokens=True)
+        return any(s in tail for s in r.params.stop)
+    return hit

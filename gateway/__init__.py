@@ -1,0 +1,1 @@
+"""The gateway: owns each request's token history, runs the draft→verify rounds, streams text to clients."""

@@ -53,3 +53,15 @@ def build_model_folder(path: Path, arch: str = "qwen2", seed: int = 0, vocab_siz
     """A checkpoint plus a matching tokenizer: what the LLM API and the services need."""
     build_checkpoint(path, arch, seed=seed, vocab_size=vocab_size, **overrides)
     return build_tokenizer(path, vocab_size, tokenizer_prefix)
+
+
+def perturbed_copy(src: Path, dst: Path, noise: float, seed: int = 0) -> Path:
+    """A draft that mostly agrees with its target: the target's weights plus Gaussian noise."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: v + noise * torch.randn(v.shape, generator=g, dtype=v.dtype)
+               for k, v in load_file(dst / "model.safetensors").items()}
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

@@ -163,13 +163,15 @@ class VerifierEngine:
         """Match a call to its session: (session, None) to run it, (session, reply) to replay a retry."""
         session = self.sessions.get(call.session_id)
         if session is None:
-            if call.round != 0:
-                raise UnknownSessionError(f"session {call.session_id!r} is unknown here (expired, released or "
-                                          "the verifier restarted): re-prefill it with round 0")
+            # A new session, or one re-prefilled after a loss: the call carries every committed token. Its
+            # round number is kept, so a resumed request draws from the same random streams.
             if call.committed_len != len(call.new_tokens):
-                raise RoundMismatchError(f"round 0 must send the whole prompt: committed_len="
-                                         f"{call.committed_len} but {len(call.new_tokens)} new tokens", 0)
-            return self.sessions.create(call.session_id), None
+                raise UnknownSessionError(f"session {call.session_id!r} is unknown here (expired, released or "
+                                          "the verifier restarted): re-prefill it by sending every committed "
+                                          "token as new_tokens")
+            session = self.sessions.create(call.session_id)
+            session.next_round = call.round
+            return session, None
         if call.round == session.next_round - 1 and session.last_result is not None:
             return session, session.last_result                 # a retried round: same reply, KV untouched
         if call.round != session.next_round:

@@ -8,90 +8,16 @@ recovered/bonus token becomes the next round's pending token).
 """
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from common.engine.model_runner import SequenceChunk
-from common.spec.adaptive_k import AdaptiveK, CostModel
+from common.spec.adaptive_k import CostModel
 from common.spec.proposal import DraftProposal
 from common.spec.proposer import ProposeRequest
 from common.spec.rejection import RejectionSampler, VerifyInput
-from common.spec.sampling import SamplingParams
+from common.spec.request import Request, SpecStats, StopCheck, choose_k, commit_tokens
 
-_seq_ids = itertools.count(1)
-
-
-@dataclass(slots=True)
-class SpecStats:
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    drafted_per_position: list[int] = field(default_factory=list)
-    k_chosen: list[int] = field(default_factory=list)
-    per_round_accepted: list[int] = field(default_factory=list)
-    draft_time_s: float = 0.0
-    verify_time_s: float = 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens emitted per verify round: 1 + accepted / rounds."""
-        return 1 + self.accepted / self.rounds if self.rounds else 0.0
-
-    def record(self, k: int, num_accepted: int) -> None:
-        self.rounds += 1
-        self.drafted += k
-        self.accepted += num_accepted
-        self.k_chosen.append(k)
-        self.per_round_accepted.append(num_accepted)
-        while len(self.drafted_per_position) < k:
-            self.drafted_per_position.append(0)
-            self.accepted_per_position.append(0)
-        for i in range(k):
-            self.drafted_per_position[i] += 1
-            self.accepted_per_position[i] += i < num_accepted
-
-    def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": round(self.acceptance_rate, 4),
-                "mean_acceptance_length": round(self.mean_acceptance_length, 4),
-                "accepted_per_position": list(self.accepted_per_position),
-                "drafted_per_position": list(self.drafted_per_position),
-                "draft_time_s": round(self.draft_time_s, 4), "verify_time_s": round(self.verify_time_s, 4)}
-
-
-@dataclass(slots=True)
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    controller: AdaptiveK | None = None        # None: fixed K
-    fixed_k: int = 0
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
-    output_ids: list[int] = field(default_factory=list)
-    pending: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stats: SpecStats = field(default_factory=SpecStats)
-
-    def __post_init__(self):
-        self.pending = list(self.prompt_ids)
-
-    @property
-    def context(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-# stop_check(request) -> True when the request's text now ends a generation (stop strings)
-StopCheck = Callable[[Request], bool]
+__all__ = ["Request", "SpecStats", "SpeculativeDecoder"]
 
 
 class SpeculativeDecoder:
@@ -149,23 +75,13 @@ class SpeculativeDecoder:
                 r.controller.observe(p.k, out.num_accepted)
             committed = len(r.context)
             self.target.truncate(r.seq_id, committed + out.num_accepted)   # drop rejected drafts' K/V
-            r.pending = []
-            for token in out.emitted:
-                r.output_ids.append(token)
-                if self._should_stop(r, token):
-                    break
-            if not r.finished:
-                r.pending = [r.output_ids[-1]]
-            else:
+            commit_tokens(r, out.emitted, self.eos, self.max_model_len, self.stop_check)
+            if r.finished:
                 self.release(r)
 
     # ---- helpers -------------------------------------------------------------------------------------------
     def _choose_k(self, r: Request) -> int:
-        room = self.max_model_len - len(r.context)          # the KV must hold committed + K tokens
-        if self.proposer is None:
-            return 0
-        k = r.controller.choose(limit=room) if r.controller is not None else r.fixed_k
-        return max(0, min(k, room, r.params.max_tokens - len(r.output_ids) - 1))
+        return choose_k(r, self.max_model_len, self.proposer is not None)
 
     def _propose(self, batch: list[Request], ks: list[int]) -> list[DraftProposal]:
         proposals = [DraftProposal([], None if r.params.greedy else []) for r in batch]
@@ -183,12 +99,3 @@ class SpeculativeDecoder:
                 proposals[i] = next(made)
                 batch[i].stats.draft_time_s += dt
         return proposals
-
-    def _should_stop(self, r: Request, token: int) -> bool:
-        if token in self.eos and not r.params.ignore_eos:
-            r.finish_reason = "stop"
-        elif len(r.output_ids) >= r.params.max_tokens or len(r.context) >= self.max_model_len:
-            r.finish_reason = "length"
-        elif self.stop_check is not None and r.params.stop and self.stop_check(r):
-            r.finish_reason = "stop"
-        return r.finished

@@ -45,7 +45,12 @@ class DraftModelProposer:
         active = list(range(len(requests)))
         step = 0
         while active:
-            logits = self.runner.forward(chunks)                 # one [1, vocab] per active request
+            try:
+                logits = self.runner.forward(chunks)             # one [1, vocab] per active request
+            except Exception:
+                for r in requests:                               # the cache is soft: forget, never mis-serve
+                    self.release(r.seq_id)
+                raise
             still, chunks = [], []
             for i, row in zip(active, logits):
                 r = requests[i]
@@ -58,6 +63,10 @@ class DraftModelProposer:
             active = still
             step += 1
         return proposals
+
+    def cached_prefix(self, seq_id: int, context: list[int]) -> int:
+        """Tokens of `context` this proposer's KV already holds for the sequence."""
+        return min(common_prefix_len(self._kv_tokens.get(seq_id, []), context), max(0, len(context) - 1))
 
     def _sync(self, seq_id: int, context: list[int]) -> list[int]:
         """Roll the draft KV back to its longest prefix shared with `context`; return the tokens to feed."""

@@ -54,6 +54,13 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(folders):
         assert run(1) != run(2)
 
 
+def test_more_prompts_than_sequences_run_in_waves(folders):
+    with LLM(folders["target"], dtype="float32", kv_cache_memory_gib=0.05, max_num_seqs=4) as llm:
+        outs = llm.generate([[i + 1, 2, 3] for i in range(10)], SamplingParams(max_tokens=3, ignore_eos=True))
+        alone = llm.generate([[10, 2, 3]], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(outs) == 10 and outs[9].token_ids == alone[0].token_ids
+
+
 def test_no_kv_block_leaks_after_generation(folders):
     with LLM(folders["target"], folders["draft"], num_speculative_tokens=4, dtype="float32",
              kv_cache_memory_gib=0.05) as llm:

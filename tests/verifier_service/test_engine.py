@@ -68,9 +68,11 @@ def test_round_out_of_order_names_the_expected_round(engine):
     assert e.value.expected_round == 1
 
 
-def test_unknown_session(engine):
+def test_unknown_session_needs_a_full_re_prefill(engine):
     with pytest.raises(UnknownSessionError, match="re-prefill"):
         _verify(engine, "nope", 3, 10, [1])
+    r = _verify(engine, "nope", 3, 3, [7, 8, 9])                   # every committed token: recreated at round 3
+    assert r.round == 3 and engine.sessions.get("nope").next_round == 4
 
 
 def test_concurrent_sessions_share_forward_passes_and_release_frees_blocks(engine):

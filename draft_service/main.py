@@ -1,0 +1,45 @@
+"""`specd draft`: serve the draft model for Propose."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from common.rpc.flags import add_model_flags, add_server_flags, env_default, server_config
+
+log = logging.getLogger("specd.draft")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_flags(p, port=50052)
+    add_model_flags(p)
+    p.add_argument("--max-cached-sequences", type=int, default=env_default("max_cached_sequences", 64),
+                   help="soft KV cache bound (LRU)")
+
+
+async def serve(args) -> None:
+    from common.config import EngineConfig
+    from common.engine.model_runner import ModelRunner
+    from common.rpc.generated.specd.v1 import draft_pb2_grpc
+    from common.rpc.model_info import model_info
+    from common.rpc.server import ServiceHost
+    from common.spec.sampling import SamplingParams
+    from draft_service.drafter import Drafter
+    from draft_service.servicer import DraftServicer
+
+    if not args.model:
+        raise SystemExit("specd draft: --model (or SPECD_MODEL) is required")
+    host = ServiceHost(server_config(args), ["specd.v1.DraftService"])
+    t0 = time.perf_counter()
+    runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                      kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
+                                      max_num_seqs=args.max_cached_sequences + 1))
+    drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences)
+    info = model_info(args.model, runner, args.dtype, args.device, 1, args.k_max)
+    draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, info), host.server)
+    log.info("draft loaded %s in %.1fs", args.model, time.perf_counter() - t0)
+
+    async def warm_up():
+        drafter.propose("__warmup__", [1, 2, 3, 4], 2, SamplingParams(), 0)
+
+    await host.run(warm_up)

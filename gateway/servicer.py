@@ -1,0 +1,109 @@
+"""Gateway over gRPC: validate and convert the request, run its rounds, return or stream the result."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+
+from common.rpc.convert import sampling_from_pb
+from common.rpc.errors import abort_with
+from common.rpc.generated.specd.v1 import gateway_pb2, gateway_pb2_grpc
+from common.spec.adaptive_k import AdaptiveK
+from common.spec.request import Request
+from common.spec.sampling import SamplingParams
+from common.tokenizer import encode_prompt
+from gateway.rounds import RoundRunner
+from gateway.text import IncrementalText
+
+K_AUTO = -1
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, rounds: RoundRunner, tokenizer, k_default: int | str, k_max: int, vocab_size: int):
+        self.rounds = rounds
+        self.tokenizer = tokenizer
+        self.k_default = k_default
+        self.k_max = k_max
+        self.vocab_size = vocab_size            # the model's embedding rows (Qwen: 151936 > the tokenizer's)
+
+    # ---- request -> engine ----------------------------------------------------------------------------
+    def _build(self, req: gateway_pb2.GenerateRequest) -> Request:
+        which = req.WhichOneof("input")
+        if which is None:
+            raise ValueError("prompt: missing (set prompt or prompt_token_ids)")
+        if which == "prompt":
+            if not req.prompt.strip():
+                raise ValueError("prompt: empty or whitespace only")
+            ids = encode_prompt(self.tokenizer, req.prompt, req.use_chat_template)
+        else:
+            ids = list(req.prompt_token_ids.ids)
+            if not ids:
+                raise ValueError("prompt_token_ids: empty")
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise ValueError(f"prompt_token_ids: token id outside the vocabulary [0, {self.vocab_size})")
+        limit = self.rounds.max_model_len
+        if len(ids) >= limit:
+            raise ValueError(f"prompt: {len(ids)} tokens, must be < the context limit of {limit} tokens")
+        max_tokens = req.max_tokens if req.max_tokens else 128
+        params = sampling_from_pb(req.sampling if req.HasField("sampling") else None, max_tokens=max_tokens,
+                                  stop=list(req.stop), ignore_eos=req.ignore_eos)
+        k = self._k(req)
+        controller = AdaptiveK(self.k_max, self.rounds.costs) if k == "auto" else None
+        return Request(ids, params, controller=controller, fixed_k=0 if k == "auto" else k)
+
+    def _k(self, req) -> int | str:
+        if not req.HasField("num_speculative_tokens"):
+            return self.k_default
+        k = req.num_speculative_tokens
+        if k == K_AUTO:
+            return "auto"
+        if not 0 <= k <= self.k_max:
+            raise ValueError(f"num_speculative_tokens={k}: must be -1 (auto) or in [0, {self.k_max}]")
+        return k
+
+    def _stats(self, r: Request, started: float) -> gateway_pb2.SpecStats:
+        s, t = r.stats, r.timing
+        return gateway_pb2.SpecStats(
+            rounds=s.rounds, drafted=s.drafted, accepted=s.accepted, acceptance_rate=s.acceptance_rate,
+            mean_acceptance_length=s.mean_acceptance_length, accepted_per_position=s.accepted_per_position,
+            fallback_rounds=t.fallback_rounds if t else 0, draft_ms=(t.draft_s if t else 0) * 1000,
+            verify_ms=(t.verify_s if t else 0) * 1000, total_ms=(time.perf_counter() - started) * 1000,
+            max_verify_batch_size=t.max_batch_size if t else 0)
+
+    # ---- RPCs -----------------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        started = time.perf_counter()
+        try:
+            r = self._build(request)
+            text = IncrementalText(self.tokenizer, r.params.stop)
+            async for _ in self.rounds.run(r, uuid.uuid4().hex):
+                pass
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, e)
+        return gateway_pb2.GenerateReply(text=text.full_text(r.output_ids), token_ids=r.output_ids,
+                                         finish_reason=r.finish_reason or "length", prompt_tokens=len(r.prompt_ids),
+                                         stats=self._stats(r, started))
+
+    async def GenerateStream(self, request, context):
+        started = time.perf_counter()
+        try:
+            r = self._build(request)
+            text = IncrementalText(self.tokenizer, r.params.stop)
+            async for appended in self.rounds.run(r, uuid.uuid4().hex):
+                chunk = gateway_pb2.GenerateChunk(text=text.delta(r.output_ids, r.finished), token_ids=appended)
+                if r.finished:
+                    chunk.finish_reason = r.finish_reason
+                    chunk.stats.CopyFrom(self._stats(r, started))
+                yield chunk
+        except Exception as e:  # noqa: BLE001
+            await self._fail(context, e)
+
+    @staticmethod
+    async def _fail(context, e: Exception):
+        if isinstance(e, grpc.aio.AioRpcError):             # a downstream service's status, passed on
+            code = e.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {e.details()}")
+            await context.abort(code, e.details() or code.name)
+        await abort_with(context, e)

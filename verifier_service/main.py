@@ -1,0 +1,57 @@
+"""`specd verifier`: serve the target model (tensor-parallel) for Verify/Prefill/Release."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+
+from common.rpc.flags import add_model_flags, add_server_flags, env_default, server_config
+
+log = logging.getLogger("specd.verifier")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_flags(p, port=50053)
+    add_model_flags(p)
+    p.add_argument("--tp", type=int, default=env_default("tp", 1), help="tensor-parallel ranks (SPECD_TP)")
+    p.add_argument("--max-queue", type=int, default=env_default("max_queue", 256),
+                   help="verify calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--session-ttl-s", type=float, default=env_default("session_ttl_s", 300.0))
+    p.add_argument("--max-sessions", type=int, default=env_default("max_sessions", 1024))
+
+
+async def serve(args) -> None:
+    from common.config import EngineConfig
+    from common.engine.tp_executor import TPExecutor
+    from common.rpc.generated.specd.v1 import verifier_pb2_grpc
+    from common.rpc.model_info import model_info
+    from common.rpc.server import ServiceHost
+    from verifier_service.engine import VerifierEngine, VerifyCall
+    from verifier_service.servicer import VerifierServicer
+    from common.spec.proposal import DraftProposal
+    from common.spec.sampling import SamplingParams
+
+    if not args.model:
+        raise SystemExit("specd verifier: --model (or SPECD_MODEL) is required")
+    host = ServiceHost(server_config(args), ["specd.v1.VerifierService"])
+    t0 = time.perf_counter()
+    executor = TPExecutor(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp,
+                                       kv_cache_memory_gib=args.kv_cache_gib,
+                                       max_model_len=args.max_model_len or None, max_num_seqs=args.max_sessions))
+    engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
+                            session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions)
+    info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max)
+    verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(engine, info), host.server)
+    log.info("verifier loaded %s (tp=%d) in %.1fs", args.model, args.tp, time.perf_counter() - t0)
+
+    async def warm_up():
+        call = VerifyCall("__warmup__", 0, 4, [1, 2, 3, 4], DraftProposal([5, 6]), SamplingParams())
+        await asyncio.wrap_future(engine.submit(call))
+        await asyncio.get_running_loop().run_in_executor(None, engine.release, "__warmup__")
+
+    async def drained():
+        engine.shutdown()
+        executor.shutdown()
+
+    await host.run(warm_up, drained)

@@ -1,0 +1,57 @@
+"""VerifierService over gRPC: convert messages, delegate to the VerifierEngine, convert back."""
+from __future__ import annotations
+
+import asyncio
+
+from common.rpc.convert import proposal_from_pb, sampling_from_pb
+from common.rpc.errors import abort_with
+from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
+from common.spec.proposal import DraftProposal
+from verifier_service.engine import VerifierEngine, VerifyCall
+from verifier_service.sessions import RoundMismatchError, VerifyResult
+
+
+def _reply(r: VerifyResult) -> verifier_pb2.VerifyReply:
+    return verifier_pb2.VerifyReply(accepted_token_ids=r.accepted, next_token_id=r.next_token, is_bonus=r.is_bonus,
+                                    rollback=verifier_pb2.KvRollback(truncate_to=r.truncate_to, round=r.round),
+                                    batch_size=r.batch_size, compute_ms=r.compute_ms)
+
+
+class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
+    def __init__(self, engine: VerifierEngine, info: common_pb2.ModelInfo):
+        self.engine = engine
+        self.info = info
+
+    async def _run(self, call: VerifyCall, context) -> verifier_pb2.VerifyReply:
+        try:
+            result = await asyncio.wrap_future(self.engine.submit(call))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
+            if isinstance(e, RoundMismatchError):
+                context.set_trailing_metadata((("specd-expected-round", str(e.expected_round)),))
+            await abort_with(context, e)
+        return _reply(result)
+
+    async def Verify(self, request, context):
+        try:
+            call = VerifyCall(request.session_id, request.round, request.committed_len, list(request.new_tokens),
+                              proposal_from_pb(request.draft_token_ids, request.draft_dists),
+                              sampling_from_pb(request.sampling if request.HasField("sampling") else None))
+        except ValueError as e:
+            await abort_with(context, e)
+        return await self._run(call, context)
+
+    async def Prefill(self, request, context):
+        try:
+            tokens = list(request.token_ids)
+            call = VerifyCall(request.session_id, 0, len(tokens), tokens, DraftProposal([]),
+                              sampling_from_pb(request.sampling if request.HasField("sampling") else None))
+        except ValueError as e:
+            await abort_with(context, e)
+        return await self._run(call, context)
+
+    async def Release(self, request, context):
+        released = await asyncio.get_running_loop().run_in_executor(None, self.engine.release, request.session_id)
+        return verifier_pb2.ReleaseReply(released=released)
+
+    async def Info(self, request, context):
+        return self.info
