@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo bench bench-engine bench-spec clean
+.PHONY: install models protos test test-fast demo up-local bench bench-engine bench-spec bench-services clean
 
 install: $(STAMP)
 
@@ -39,13 +39,20 @@ test-fast: install
 demo: install models
 	$(VENV)/bin/specd demo
 
-bench: bench-engine bench-spec
+# The whole topology (verifier TP=2, draft, gateway) as local processes on this machine; Ctrl-C stops it.
+up-local: install models
+	$(VENV)/bin/specd up-local
+
+bench: bench-engine bench-spec bench-services
 
 bench-engine: install models
 	$(PY) -m bench.engine
 
 bench-spec: install models
 	$(PY) -m bench.spec
+
+bench-services: install models
+	$(PY) -m bench.services
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

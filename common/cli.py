@@ -26,10 +26,15 @@ def _cmd_models_list(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from common.engine.demo import run_demo
     from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, model_path
-    run_demo(args.target or str(model_path(TARGET_MODEL)), args.draft or str(model_path(DRAFT_MODEL)),
-             dtype=args.dtype, max_new_tokens=args.max_tokens, tp_size=args.tp)
+    target = args.target or str(model_path(TARGET_MODEL))
+    draft = args.draft or str(model_path(DRAFT_MODEL))
+    if args.in_process:
+        from common.engine.demo import run_demo
+        run_demo(target, draft, dtype=args.dtype, max_new_tokens=args.max_tokens, tp_size=args.tp)
+    else:
+        from gateway.demo import run_services_demo
+        run_services_demo(target, draft, dtype=args.dtype, tp=args.tp, max_tokens=args.max_tokens)
     return 0
 
 
@@ -162,12 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--models-dir", default=None)
     lst.set_defaults(func=_cmd_models_list)
 
-    demo = sub.add_parser("demo", help="target-only vs speculative generation on the real pair, with tokens/s")
+    demo = sub.add_parser("demo", help="the real pair as services (or in process), streamed, with stats")
     demo.add_argument("--target", default=None, help="target folder (default: the fetched 1.5B)")
     demo.add_argument("--draft", default=None, help="draft folder (default: the fetched 0.5B)")
     demo.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     demo.add_argument("--max-tokens", type=int, default=96)
-    demo.add_argument("--tp", type=int, default=1)
+    demo.add_argument("--tp", type=int, default=2, help="verifier tensor-parallel ranks")
+    demo.add_argument("--in-process", action="store_true",
+                      help="no services: target-only vs speculative in one process (tp=1 unless --tp)")
     demo.set_defaults(func=_cmd_demo)
     gen = sub.add_parser("generate", help="generate text in process (speculative decoding)")
     gen.add_argument("prompts", nargs="+", help="one or more prompts")

@@ -9,8 +9,15 @@ from common.errors import CheckpointError
 
 
 def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     try:
+        declared = json.loads((Path(path) / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        declared = None
+    try:
+        if declared == "PreTrainedTokenizerFast":
+            # transformers 5 would pick the model type's class over a folder's own generic tokenizer.json
+            return PreTrainedTokenizerFast.from_pretrained(str(path))
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"no usable tokenizer in {str(path)!r}: {e}") from e

@@ -63,6 +63,9 @@ class RoundTiming:
     verify_s: float = 0.0
     fallback_rounds: int = 0
     max_batch_size: int = 0
+    draft_compute_s: float = 0.0
+    verify_compute_s: float = 0.0
+    wire_bytes: int = 0
 
 
 class RoundRunner:
@@ -110,6 +113,8 @@ class RoundRunner:
             return DraftProposal([])
         dt = time.perf_counter() - t
         timing.draft_s += dt
+        timing.draft_compute_s += reply.compute_ms / 1000
+        timing.wire_bytes += req.ByteSize() + reply.ByteSize()
         r.stats.draft_time_s += dt
         if r.stats.rounds:                                      # the first round also prefills the draft
             self.costs.observe_draft(k, dt)
@@ -133,6 +138,8 @@ class RoundRunner:
                 raise
             dt = time.perf_counter() - t
             timing.verify_s += dt
+            timing.verify_compute_s += reply.compute_ms / 1000
+            timing.wire_bytes += req.ByteSize() + reply.ByteSize()
             timing.max_batch_size = max(timing.max_batch_size, reply.batch_size)
             r.stats.verify_time_s += dt
             if len(r.pending) == 1:

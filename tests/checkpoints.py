@@ -1,6 +1,7 @@
 """Tiny random Hugging Face checkpoints, saved as real safetensors folders, for tests that need no real model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,6 +46,12 @@ def build_tokenizer(path: Path, vocab_size: int, prefix: str = "w") -> Path:
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<eos>")
     fast.save_pretrained(path)
+    # Name the class: otherwise AutoTokenizer follows config.json's model type (Qwen2's byte-level BPE), which
+    # cannot encode this vocabulary.
+    cfg_file = Path(path) / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_file.write_text(json.dumps(cfg))
     return path
 
 

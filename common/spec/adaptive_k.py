@@ -18,6 +18,7 @@ class CostModel:
     t_verify_base: float = 0.0           # seconds for a 1-token target pass
     t_verify_per_token: float = 0.0      # extra seconds per additional verified token
     smoothing: float = 0.2
+    max_jump: float = 4.0                # an observation counts as at most this factor off the running estimate
     _verify_obs: dict[int, float] = field(default_factory=dict)   # tokens -> EMA seconds
 
     @property
@@ -39,7 +40,12 @@ class CostModel:
         return k * self.t_draft + self.verify_cost(k)
 
     def _ema(self, old: float, new: float) -> float:
-        return new if old == 0.0 else (1 - self.smoothing) * old + self.smoothing * new
+        if old == 0.0:
+            return new
+        # One stalled measurement (a GC pause, a preempted process) must not lock the controller into K = 0:
+        # K = 0 rounds never re-measure the draft, so an outlier would decay only once per probe round.
+        new = min(max(new, old / self.max_jump), old * self.max_jump)
+        return (1 - self.smoothing) * old + self.smoothing * new
 
     def _refit(self) -> None:
         # least squares line through (tokens, seconds); slope clamped >= 0 (a longer pass is never cheaper)

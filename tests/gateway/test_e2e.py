@@ -56,6 +56,9 @@ def test_greedy_through_the_gateway_equals_in_process_target_only(client, twin):
         assert list(reply.token_ids) == exp
         assert reply.finish_reason == "length" and reply.stats.drafted > 0
         assert 0 < reply.stats.accepted and reply.stats.rounds < MAX_TOKENS      # speculation really paid off
+        s = reply.stats
+        assert 0 < s.verify_compute_ms < s.verify_ms and 0 < s.draft_compute_ms < s.draft_ms
+        assert s.wire_bytes > 4 * s.rounds * len(prompt)                        # each round sends the context
 
 
 def test_stream_yields_the_same_tokens_incrementally(client):
@@ -142,3 +145,10 @@ def test_draft_killed_mid_request_falls_back_and_speculation_resumes(topo, clien
     time.sleep(2.5)                                                      # past the gateway's retry pause
     reply = client.generate(PROMPTS[2], max_tokens=24, ignore_eos=True)
     assert reply.stats.drafted > 0 and list(reply.token_ids) == expected.token_ids[:24]
+
+
+def test_health_command_against_the_running_services(topo, capsys):
+    from common.cli import main
+    for port in (topo.gateway_port, topo.draft_port, topo.verifier_port):
+        assert main(["health", f"127.0.0.1:{port}"]) == 0
+    assert "SERVING" in capsys.readouterr().out

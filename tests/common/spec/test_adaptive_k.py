@@ -56,3 +56,13 @@ def test_expensive_verify_tokens_shorten_drafts():
 def test_limit_caps_k():
     ctl = AdaptiveK(8, _costs(t_draft=0.001))
     assert ctl.choose(limit=2) <= 2 and ctl.choose(limit=0) == 0
+
+
+def test_one_stalled_measurement_does_not_lock_k_at_zero():
+    costs = _costs(t_draft=0.01)
+    ctl = AdaptiveK(8, costs)
+    for _ in range(20):
+        ctl.observe(4, 4)
+    before = ctl.choose()
+    costs.observe_draft(1, 100.0)                                   # the process was stopped for 100 s
+    assert costs.t_draft < 0.02 and ctl.choose() >= before - 1

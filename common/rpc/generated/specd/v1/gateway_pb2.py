@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.rpc.generated.specd.v1 import common_pb2 as specd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specd/v1/gateway.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\x99\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x12.specd.v1.TokenIdsH\x00\x12\x19\n\x11use_chat_template\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12#\n\x16num_speculative_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05inputB\x19\n\x17_num_speculative_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x85\x02\n\tSpecStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x02\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x17\n\x0f\x66\x61llback_rounds\x18\x07 \x01(\r\x12\x10\n\x08\x64raft_ms\x18\x08 \x01(\x02\x12\x11\n\tverify_ms\x18\t \x01(\x02\x12\x10\n\x08total_ms\x18\n \x01(\x02\x12\x1d\n\x15max_verify_batch_size\x18\x0b \x01(\r\"\x82\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\"\n\x05stats\x18\x05 \x01(\x0b\x32\x13.specd.v1.SpecStats\"k\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05stats\x18\x04 \x01(\x0b\x32\x13.specd.v1.SpecStats2\x91\x01\n\x07Gateway\x12>\n\x08Generate\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateReply\x12\x46\n\x0eGenerateStream\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specd/v1/gateway.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\x99\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x12.specd.v1.TokenIdsH\x00\x12\x19\n\x11use_chat_template\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12#\n\x16num_speculative_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05inputB\x19\n\x17_num_speculative_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xce\x02\n\tSpecStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x02\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x17\n\x0f\x66\x61llback_rounds\x18\x07 \x01(\r\x12\x10\n\x08\x64raft_ms\x18\x08 \x01(\x02\x12\x11\n\tverify_ms\x18\t \x01(\x02\x12\x10\n\x08total_ms\x18\n \x01(\x02\x12\x1d\n\x15max_verify_batch_size\x18\x0b \x01(\r\x12\x18\n\x10\x64raft_compute_ms\x18\x0c \x01(\x02\x12\x19\n\x11verify_compute_ms\x18\r \x01(\x02\x12\x12\n\nwire_bytes\x18\x0e \x01(\x04\"\x82\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\"\n\x05stats\x18\x05 \x01(\x0b\x32\x13.specd.v1.SpecStats\"k\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05stats\x18\x04 \x01(\x0b\x32\x13.specd.v1.SpecStats2\x91\x01\n\x07Gateway\x12>\n\x08Generate\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateReply\x12\x46\n\x0eGenerateStream\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=343
   _globals['_TOKENIDS']._serialized_end=366
   _globals['_SPECSTATS']._serialized_start=369
-  _globals['_SPECSTATS']._serialized_end=630
-  _globals['_GENERATEREPLY']._serialized_start=633
-  _globals['_GENERATEREPLY']._serialized_end=763
-  _globals['_GENERATECHUNK']._serialized_start=765
-  _globals['_GENERATECHUNK']._serialized_end=872
-  _globals['_GATEWAY']._serialized_start=875
-  _globals['_GATEWAY']._serialized_end=1020
+  _globals['_SPECSTATS']._serialized_end=703
+  _globals['_GENERATEREPLY']._serialized_start=706
+  _globals['_GENERATEREPLY']._serialized_end=836
+  _globals['_GENERATECHUNK']._serialized_start=838
+  _globals['_GENERATECHUNK']._serialized_end=945
+  _globals['_GATEWAY']._serialized_start=948
+  _globals['_GATEWAY']._serialized_end=1093
 # @@protoc_insertion_point(module_scope)
