@@ -40,6 +40,9 @@ async def serve(args) -> None:
     log.info("draft loaded %s in %.1fs", args.model, time.perf_counter() - t0)
 
     async def warm_up():
-        drafter.propose("__warmup__", [1, 2, 3, 4], 2, SamplingParams(), 0)
+        drafter.propose("__warmup__", [1, 2, 3, 4], 2, SamplingParams(), 0, timeout=600)
 
-    await host.run(warm_up)
+    async def drained():
+        drafter.shutdown()
+
+    await host.run(warm_up, drained)

@@ -66,6 +66,7 @@ class RoundTiming:
     draft_compute_s: float = 0.0
     verify_compute_s: float = 0.0
     wire_bytes: int = 0
+    queue_s: float = 0.0
 
 
 class RoundRunner:
@@ -114,6 +115,7 @@ class RoundRunner:
         dt = time.perf_counter() - t
         timing.draft_s += dt
         timing.draft_compute_s += reply.compute_ms / 1000
+        timing.queue_s += reply.queue_ms / 1000
         timing.wire_bytes += req.ByteSize() + reply.ByteSize()
         r.stats.draft_time_s += dt
         if r.stats.rounds:                                      # the first round also prefills the draft
@@ -139,6 +141,7 @@ class RoundRunner:
             dt = time.perf_counter() - t
             timing.verify_s += dt
             timing.verify_compute_s += reply.compute_ms / 1000
+            timing.queue_s += reply.queue_ms / 1000
             timing.wire_bytes += req.ByteSize() + reply.ByteSize()
             timing.max_batch_size = max(timing.max_batch_size, reply.batch_size)
             r.stats.verify_time_s += dt

@@ -71,7 +71,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             verify_ms=(t.verify_s if t else 0) * 1000, total_ms=(time.perf_counter() - started) * 1000,
             max_verify_batch_size=t.max_batch_size if t else 0,
             draft_compute_ms=(t.draft_compute_s if t else 0) * 1000,
-            verify_compute_ms=(t.verify_compute_s if t else 0) * 1000, wire_bytes=t.wire_bytes if t else 0)
+            verify_compute_ms=(t.verify_compute_s if t else 0) * 1000, wire_bytes=t.wire_bytes if t else 0,
+            queue_ms=(t.queue_s if t else 0) * 1000)
 
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Generate(self, request, context):

@@ -37,6 +37,7 @@ class VerifyCall:
     new_tokens: list[int]
     proposal: DraftProposal
     params: SamplingParams
+    enqueued: float = 0.0
 
 
 class VerifierEngine:
@@ -59,6 +60,7 @@ class VerifierEngine:
     # ---- API used by the servicer (any thread) -----------------------------------------------------------
     def submit(self, call: VerifyCall) -> Future:
         self._validate(call)
+        call.enqueued = time.perf_counter()
         fut: Future = Future()
         try:
             self._queue.put_nowait((call, fut))
@@ -156,7 +158,7 @@ class VerifierEngine:
             session.next_round = call.round + 1
             session.last_used = time.monotonic()
             session.last_result = VerifyResult(out.accepted, out.next_token, out.is_bonus, keep, call.round,
-                                               len(runnable), compute_ms)
+                                               len(runnable), compute_ms, (t - call.enqueued) * 1000)
             fut.set_result(session.last_result)
 
     def _admit(self, call: VerifyCall) -> tuple[Session, VerifyResult | None]:

@@ -14,7 +14,8 @@ from verifier_service.sessions import RoundMismatchError, VerifyResult
 def _reply(r: VerifyResult) -> verifier_pb2.VerifyReply:
     return verifier_pb2.VerifyReply(accepted_token_ids=r.accepted, next_token_id=r.next_token, is_bonus=r.is_bonus,
                                     rollback=verifier_pb2.KvRollback(truncate_to=r.truncate_to, round=r.round),
-                                    batch_size=r.batch_size, compute_ms=r.compute_ms)
+                                    batch_size=r.batch_size, compute_ms=r.compute_ms,
+                                    queue_ms=r.queue_ms)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):

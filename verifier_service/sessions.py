@@ -28,6 +28,7 @@ class VerifyResult:
     round: int
     batch_size: int
     compute_ms: float
+    queue_ms: float = 0.0      # waited in the verify queue before the forward pass
 
 
 @dataclass(slots=True)

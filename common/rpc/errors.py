@@ -12,7 +12,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if name == "UnknownSessionError":
         return grpc.StatusCode.NOT_FOUND
-    if name in ("QueueFullError",) or isinstance(exc, KVCacheExhaustedError):
+    if name.endswith("QueueFullError") or isinstance(exc, KVCacheExhaustedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, (SequenceTooLongError, ConfigError, ValueError)):
         return grpc.StatusCode.INVALID_ARGUMENT
