@@ -137,6 +137,29 @@ class ModelConfig:
 
 
 @dataclass(slots=True)
+class PrefixCacheConfig:
+    """The prefix cache of full KV blocks (common/kv/prefix_cache.py): an in-process LRU, then Redis."""
+    local_mib: int = 256                      # in-process tier; 0 = Redis only
+    redis_url: str | None = None              # e.g. redis://host:6379/0; None = no shared tier
+    ttl_s: int = 3600                         # Redis entries expire after this long without a refresh
+    redis_timeout_s: float = 0.25             # a slower Redis call is abandoned and the cache bypassed
+    redis_retry_s: float = 5.0                # after a Redis failure, bypass it this long before trying again
+    publish_queue: int = 256                  # pending publishes; beyond it new blocks are not published
+    namespace: str | None = None              # overrides the model fingerprint in block hashes
+
+    def __post_init__(self):
+        if self.local_mib < 0:
+            raise ConfigError(f"prefix cache local_mib={self.local_mib}: must be >= 0")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"redis_url={self.redis_url!r}: must start with redis://, rediss:// or unix://")
+        if self.local_mib == 0 and not self.redis_url:
+            raise ConfigError("prefix cache: local_mib=0 and no redis_url leaves no tier; disable it instead")
+        for name in ("ttl_s", "redis_timeout_s", "redis_retry_s", "publish_queue"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"prefix cache {name}={getattr(self, name)}: must be > 0")
+
+
+@dataclass(slots=True)
 class EngineConfig:
     """How the engine runs a model: precision, device, KV cache geometry, tensor parallelism."""
     model: str                                # path of a Hugging Face folder with *.safetensors
@@ -149,6 +172,7 @@ class EngineConfig:
     max_model_len: int | None = None          # None: the model's max_position_embeddings (capped at 32768)
     max_num_seqs: int = 64
     cpu_prepack: bool = True                  # oneDNN-packed matmul weights on CPU (common/layers/cpu_gemm.py)
+    prefix_cache: PrefixCacheConfig | None = None   # None: every prefill is computed
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

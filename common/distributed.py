@@ -25,6 +25,11 @@ class TPGroup:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return x

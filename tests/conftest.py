@@ -21,3 +21,12 @@ def real_models():
     if missing:
         pytest.fail(f"real models not fetched: {missing}; run `make models` first")
     return {role: model_path(key) for role, key in keys.items()}
+
+
+@pytest.fixture()
+def redis_server():
+    """A fresh real redis-server on a free loopback port, killed afterwards."""
+    from common.redis_server import RedisServer
+    server = RedisServer()
+    yield server
+    server.stop()

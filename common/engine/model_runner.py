@@ -15,11 +15,16 @@ from common.config import EngineConfig, ModelConfig
 from common.distributed import TPGroup, single_rank
 from common.errors import ConfigError, SequenceTooLongError
 from common.kv.block_allocator import BlockAllocator
+from common.kv.block_codec import BlockGeometry
+from common.kv.block_hash import chain_hashes, namespace_root
 from common.kv.block_table import BlockTable
 from common.kv.kv_cache import PagedKVCache
+from common.kv.prefix_cache import PrefixCache
 from common.layers.attention import AttentionMetadata
+from common.models.fingerprint import model_fingerprint
 from common.models.loader import load_weights
 from common.models.registry import model_class
+from common.telemetry.metrics import PREFIX_CACHE_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +86,50 @@ class ModelRunner:
                                      mc.num_kv_heads // self.tp.world_size, mc.head_dim, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.sequences: dict[int, BlockTable] = {}
+        self.last_cached_tokens: list[int] = []      # per chunk of the last forward: tokens loaded from the cache
+        self.prefix_cache: PrefixCache | None = None
+        if config.prefix_cache is not None:
+            self._init_prefix_cache(config)
+
+    def _init_prefix_cache(self, config: EngineConfig) -> None:
+        mc = self.model_config
+        geometry = BlockGeometry(self.dtype, self.block_size, mc.num_layers, mc.num_kv_heads // self.tp.world_size,
+                                 mc.head_dim)
+        fingerprint = config.prefix_cache.namespace or model_fingerprint(config.model)
+        self._prefix_root = namespace_root(fingerprint, config.dtype, self.block_size, self.tp.rank,
+                                           self.tp.world_size)
+        self.prefix_cache = PrefixCache(config.prefix_cache, geometry)
+        self._tokens: dict[int, list[int]] = {}         # token ids whose K/V each sequence holds
+        self._hashes: dict[int, list[bytes]] = {}       # chained hashes of its full blocks, as far as computed
+        self._published: dict[int, int] = {}            # leading full blocks already in (or from) the cache
+
+    def close(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()
 
     # ---- sequence bookkeeping -------------------------------------------------------------------------------
     def num_tokens(self, seq_id: int) -> int:
         return self.sequences[seq_id].num_tokens if seq_id in self.sequences else 0
 
     def truncate(self, seq_id: int, new_len: int) -> None:
-        """Roll a sequence back to its first `new_len` tokens (rejected drafts), freeing tail blocks."""
+        """Roll a sequence back to its first `new_len` tokens (rejected drafts), freeing tail blocks.
+
+        What is left is committed, so with a prefix cache its newly full blocks are published here."""
         self._table(seq_id).truncate(new_len, self.allocator)
+        if self.prefix_cache is not None and seq_id in self._tokens:
+            full = new_len // self.block_size
+            del self._tokens[seq_id][new_len:]
+            del self._hashes[seq_id][full:]
+            self._published[seq_id] = min(self._published[seq_id], full)
+            self._publish(seq_id)
 
     def free(self, seq_id: int) -> None:
         table = self.sequences.pop(seq_id, None)
         if table is not None:
             table.release(self.allocator)
+        if self.prefix_cache is not None:
+            for d in (self._tokens, self._hashes, self._published):
+                d.pop(seq_id, None)
 
     def _table(self, seq_id: int) -> BlockTable:
         try:
@@ -104,8 +140,21 @@ class ModelRunner:
     # ---- forward ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, chunks: list[SequenceChunk]) -> list[torch.Tensor]:
-        """Append each chunk's tokens to its sequence and return logits [num_logits_i, vocab] per chunk (float32)."""
-        self._check_and_reserve(chunks)
+        """Append each chunk's tokens to its sequence and return logits [num_logits_i, vocab] per chunk (float32).
+
+        With a prefix cache, a new sequence's leading full blocks are loaded instead of computed when cached
+        (`last_cached_tokens` says how many tokens per chunk)."""
+        loaded: list[int] = []
+        cached = [0] * len(chunks)
+        if self.prefix_cache is not None:
+            chunks, cached, loaded = self._load_prefixes(chunks)
+        try:
+            self._check_and_reserve(chunks)
+        except BaseException:
+            for seq_id in loaded:                   # all or nothing: a refused batch leaves no trace
+                self.free(seq_id)
+            raise
+        self.last_cached_tokens = cached
         input_ids, positions, slot_mapping, logits_index = [], [], [], []
         offset = 0
         for c in chunks:
@@ -122,8 +171,74 @@ class ModelRunner:
                             self.kv_cache.layers, meta, torch.tensor(logits_index, device=dev))
         for c in chunks:
             self.sequences[c.seq_id].num_tokens += len(c.token_ids)
+        if self.prefix_cache is not None:
+            for c in chunks:
+                self._tokens.setdefault(c.seq_id, []).extend(c.token_ids)
+                self._hashes.setdefault(c.seq_id, [])
+                self._published.setdefault(c.seq_id, 0)
         logits = logits.float()
         return list(logits.split([c.num_logits for c in chunks]))
+
+    # ---- prefix cache -------------------------------------------------------------------------------------
+    def _load_prefixes(self, chunks: list[SequenceChunk]) -> tuple[list[SequenceChunk], list[int], list[int]]:
+        """Load cached leading blocks of new sequences; -> (chunks left to compute, cached tokens, loaded seqs).
+
+        Each rank reads its own shard; the ranks agree on the shortest run any of them found, so their
+        block tables stay identical. The tokens that need logits are always computed."""
+        bs = self.block_size
+        new = [i for i, c in enumerate(chunks) if c.seq_id not in self.sequences]
+        if len({chunks[i].seq_id for i in new}) < len(new):
+            return chunks, [0] * len(chunks), []            # a sequence twice: the batch check refuses it
+        wanted: dict[int, list[bytes]] = {}
+        for i in new:
+            c = chunks[i]
+            if (len(c.token_ids) - c.num_logits) // bs >= 1:
+                wanted[i] = chain_hashes(self._prefix_root, c.token_ids, bs, (len(c.token_ids) - c.num_logits) // bs)
+        if not wanted:
+            if self.tp.is_driver:
+                PREFIX_CACHE_TOKENS.labels("computed").inc(sum(len(chunks[i].token_ids) for i in new))
+            return chunks, [0] * len(chunks), []
+        found = {i: self.prefix_cache.lookup(h, chunks[i].token_ids) for i, h in wanted.items()}
+        counts = torch.tensor([len(found.get(i, ())) for i in range(len(chunks))], device=self.device)
+        counts = self.tp.all_reduce_min(counts).tolist()
+        out, cached, loaded = [], [], []
+        for i, c in enumerate(chunks):
+            m = counts[i]
+            if m and m <= self.allocator.num_free:  # identical on every rank, like the counts
+                table = BlockTable(bs)
+                table.blocks = self.allocator.allocate(m)
+                table.num_tokens = m * bs
+                kv = torch.stack(found[i][:m], dim=2).to(self.device)         # [2, layers, m, bs, kv_heads, hd]
+                self.kv_cache.storage[:, :, table.blocks] = kv
+                self.sequences[c.seq_id] = table
+                self._tokens[c.seq_id] = c.token_ids[:m * bs]
+                self._hashes[c.seq_id] = wanted[i][:m]
+                self._published[c.seq_id] = m
+                loaded.append(c.seq_id)
+                c = SequenceChunk(c.seq_id, c.token_ids[m * bs:], c.num_logits)
+            else:
+                m = 0
+            if i in new and self.tp.is_driver:
+                PREFIX_CACHE_TOKENS.labels("cached").inc(m * bs)
+                PREFIX_CACHE_TOKENS.labels("computed").inc(len(c.token_ids))
+            cached.append(m * bs)
+            out.append(c)
+        return out, cached, loaded
+
+    def _publish(self, seq_id: int) -> None:
+        """Hand the sequence's full, not yet published blocks to the cache (copies; stored off this thread)."""
+        bs, table = self.block_size, self.sequences[seq_id]
+        start, full = self._published[seq_id], table.num_tokens // bs
+        if full <= start:
+            return
+        tokens = self._tokens[seq_id]
+        hashes = chain_hashes(self._prefix_root, tokens, bs, full, known=self._hashes[seq_id])
+        self._hashes[seq_id] = hashes
+        index = torch.tensor(table.blocks[start:full], device=self.device)
+        kv = self.kv_cache.storage.index_select(2, index).permute(2, 0, 1, 3, 4, 5)   # [n, 2, layers, bs, h, hd]
+        self.prefix_cache.publish(hashes[start:full], [tokens[j * bs:(j + 1) * bs] for j in range(start, full)],
+                                  kv.contiguous())
+        self._published[seq_id] = full
 
     def _check_and_reserve(self, chunks: list[SequenceChunk]) -> None:
         """Validate the whole batch, then allocate blocks for it: either all of it fits or nothing changes."""

@@ -44,6 +44,7 @@ def _worker_main(rank: int, config: EngineConfig, init_method: str, ready) -> No
     while True:
         method, args = tp.broadcast_object(None)
         if method == _SHUTDOWN:
+            runner.close()
             break
         try:
             getattr(runner, method)(*args)
@@ -114,7 +115,13 @@ class TPExecutor:
     def allocator(self):
         return self.runner.allocator
 
+    @property
+    def last_cached_tokens(self) -> list[int]:
+        """Per chunk of the last forward: leading tokens loaded from the prefix cache instead of computed."""
+        return self.runner.last_cached_tokens
+
     def shutdown(self) -> None:
+        self.runner.close()
         if self._workers:
             try:
                 self.tp.broadcast_object((_SHUTDOWN, ()))

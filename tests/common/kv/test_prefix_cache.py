@@ -1,0 +1,209 @@
+"""The prefix cache under the model runner: local and Redis tiers, collisions, TTL, Redis faults, TP=2.
+
+Every hit is checked two ways: the runner computed only the uncached tokens, and the logits equal those of a
+runner without any cache.
+"""
+import time
+
+import pytest
+import torch
+
+from common.config import EngineConfig, PrefixCacheConfig
+from common.engine.model_runner import ModelRunner, SequenceChunk
+from common.engine.tp_executor import TPExecutor
+from common.kv.prefix_cache import KEY_PREFIX
+from tests.checkpoints import build_checkpoint
+
+SYSTEM = [(7 * i + 3) % 128 for i in range(40)]       # 2 full blocks of 16 + 8 tokens
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(build_checkpoint(tmp_path_factory.mktemp("prefix") / "m", "qwen2", seed=9))
+
+
+def _runner(ckpt, cache: PrefixCacheConfig | None, tp=1):
+    cfg = EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=64, tp_size=tp, prefix_cache=cache)
+    return TPExecutor(cfg) if tp > 1 else ModelRunner(cfg)
+
+
+def _prefill_and_commit(runner, seq, tokens):
+    [logits] = runner.forward([SequenceChunk(seq, tokens)])
+    runner.truncate(seq, len(tokens))                   # the round's rollback publishes the full blocks
+    return logits
+
+
+def _flush(runner):
+    r = getattr(runner, "runner", runner)
+    assert r.prefix_cache.flush(10)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """Logits of SYSTEM + a user turn without any cache."""
+    r = _runner(ckpt, None)
+    out = {}
+    for turn in ([1, 2, 3], [9, 8, 7, 6]):
+        out[tuple(turn)] = r.forward([SequenceChunk(1, SYSTEM + turn)])[0]
+        r.free(1)
+    return out
+
+
+def test_local_hit_computes_only_the_rest_and_matches(ckpt, reference):
+    r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
+    _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
+    _flush(r)
+    logits = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6])])[0]
+    assert r.last_cached_tokens == [2 * BS]
+    assert r.num_tokens(2) == len(SYSTEM) + 4
+    torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
+    r.free(1), r.free(2)
+    assert r.allocator.num_used == 0
+    r.close()
+
+
+def test_a_batch_mixing_hits_and_misses(ckpt, reference):
+    r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
+    _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
+    _flush(r)
+    a, b = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6]), SequenceChunk(3, [5] * 20)])
+    assert r.last_cached_tokens == [2 * BS, 0]
+    torch.testing.assert_close(a, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
+    r.close()
+
+
+def test_short_prompts_and_logit_positions_are_always_computed(ckpt):
+    r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
+    _prefill_and_commit(r, 1, SYSTEM[:32])              # exactly 2 full blocks
+    _flush(r)
+    r.forward([SequenceChunk(2, SYSTEM[:32])])          # the last token needs logits: only block 1 loads
+    assert r.last_cached_tokens == [BS]
+    r.forward([SequenceChunk(3, SYSTEM[:32] + [4, 5], num_logits=3)])
+    assert r.last_cached_tokens == [BS]                 # 34 tokens, 3 with logits: 31 cacheable = 1 block
+    r.close()
+
+
+def test_redis_shares_blocks_between_replicas(ckpt, reference, redis_server):
+    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url)
+    first, second = _runner(ckpt, cfg), _runner(ckpt, cfg)
+    _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
+    _flush(first)
+    assert len(redis_server.client().keys(KEY_PREFIX + "*")) == 2
+    logits = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])[0]
+    assert second.last_cached_tokens == [2 * BS]
+    torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
+    assert len(second.prefix_cache.local) == 2          # a Redis hit is kept locally
+    first.close(), second.close()
+
+
+def test_collision_guard_refuses_and_deletes_a_mismatching_entry(ckpt, reference, redis_server):
+    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url)
+    first, second = _runner(ckpt, cfg), _runner(ckpt, cfg)
+    _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
+    _flush(first)
+    client = redis_server.client()
+    key0, key1 = (KEY_PREFIX + h.hex() for h in first._hashes[1][:2])
+    client.set(key1, client.get(key0))                   # block 1's key now holds block 0 (other token ids)
+    logits = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])[0]
+    assert second.last_cached_tokens == [BS]            # block 0 loaded, block 1 refused and recomputed
+    assert client.get(key1) is None                     # ... and deleted
+    torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
+    client.set(key0, b"garbage")
+    third = _runner(ckpt, cfg)
+    third.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    assert third.last_cached_tokens == [0] and client.get(key0) is None
+    first.close(), second.close(), third.close()
+
+
+def test_redis_entries_expire(ckpt, redis_server):
+    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url, ttl_s=1)
+    first = _runner(ckpt, cfg)
+    _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
+    _flush(first)
+    ttls = [redis_server.client().ttl(k) for k in redis_server.client().keys(KEY_PREFIX + "*")]
+    assert ttls and all(0 < t <= 1 for t in ttls)
+    time.sleep(2.1)
+    assert redis_server.client().keys(KEY_PREFIX + "*") == []
+    late = _runner(ckpt, cfg)
+    late.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    assert late.last_cached_tokens == [0]
+    first.close(), late.close()
+
+
+def test_redis_killed_is_bypassed_and_output_unchanged(ckpt, reference, redis_server):
+    cfg = PrefixCacheConfig(local_mib=0, redis_url=redis_server.url, redis_timeout_s=0.2)
+    r = _runner(ckpt, cfg)
+    _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
+    _flush(r)
+    redis_server.kill()
+    t = time.perf_counter()
+    logits = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6])])[0]
+    assert time.perf_counter() - t < 5
+    assert r.last_cached_tokens == [0]
+    torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
+    r.truncate(2, len(SYSTEM) + 4)                       # publishing to a dead Redis is bypassed too
+    _flush(r)
+    r.free(1), r.free(2)
+    assert r.allocator.num_used == 0
+    r.close()
+
+
+def test_garbage_from_redis_is_refused(ckpt, reference, redis_server):
+    cfg = PrefixCacheConfig(local_mib=0, redis_url=redis_server.url)
+    writer = _runner(ckpt, cfg)
+    _prefill_and_commit(writer, 1, SYSTEM + [1, 2, 3])
+    _flush(writer)
+    client = redis_server.client()
+    for key in client.keys(KEY_PREFIX + "*"):
+        value = bytearray(client.get(key))
+        value[-1] ^= 0xFF                               # flips bits of the K/V payload: the header is intact
+        client.set(key, bytes(value[:-3]))              # ...and the length is wrong
+    reader = _runner(ckpt, cfg)
+    logits = reader.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])[0]
+    assert reader.last_cached_tokens == [0]
+    torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
+    writer.close(), reader.close()
+
+
+def test_refused_batch_leaves_no_loaded_blocks(ckpt):
+    r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
+    _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
+    _flush(r)
+    used = r.allocator.num_used
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        r.forward([SequenceChunk(2, SYSTEM + [9, 999])])
+    assert r.allocator.num_used == used and 2 not in r.sequences
+    r.close()
+
+
+def test_tensor_parallel_ranks_load_their_own_shards(ckpt, reference, redis_server):
+    # One TP group per process at a time: the replicas take turns.
+    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url)
+    client = redis_server.client()
+    first = _runner(ckpt, cfg, tp=2)
+    try:
+        first.forward([SequenceChunk(1, SYSTEM + [1, 2, 3])])
+        first.truncate(1, len(SYSTEM) + 3)
+        rank0_block1 = KEY_PREFIX + first.runner._hashes[1][1].hex()
+        deadline = time.monotonic() + 10                 # rank 1 publishes from its own process
+        while len(client.keys(KEY_PREFIX + "*")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        first.shutdown()
+    assert len(client.keys(KEY_PREFIX + "*")) == 4       # 2 blocks x 2 ranks, each its own shard
+    second = _runner(ckpt, cfg, tp=2)
+    try:
+        [logits] = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+        assert second.last_cached_tokens == [2 * BS]
+        torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-4)
+    finally:
+        second.shutdown()
+    client.delete(rank0_block1)                          # one rank's shard of block 1 is gone...
+    third = _runner(ckpt, cfg, tp=2)
+    try:
+        [logits] = third.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+        assert third.last_cached_tokens == [BS]          # ...so both ranks load block 0 only
+        torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-4)
+    finally:
+        third.shutdown()
