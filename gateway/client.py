@@ -1,4 +1,7 @@
-"""The Python client of the gateway, on the generated stubs: `SpecdClient("host:50051").generate("...")`."""
+"""The Python client of the gateway, on the generated stubs: `SpecdClient("host:50051").generate("...")`.
+
+When the process has set up tracing (`common.telemetry.tracing.setup_tracing("specd-client")`) before the client
+is made, each call opens a CLIENT span: the root of the request's trace, carried to the gateway in metadata."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,6 +9,7 @@ from collections.abc import Iterator
 import grpc
 
 from common.rpc.generated.specd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from common.telemetry.tracing import tracing_enabled
 
 K_AUTO = -1
 
@@ -13,7 +17,11 @@ K_AUTO = -1
 class SpecdClient:
     def __init__(self, target: str = "127.0.0.1:50051", timeout_s: float = 600.0):
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 << 20)])
-        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        channel = self.channel
+        if tracing_enabled():
+            from common.telemetry.client_interceptors import TracingClientInterceptor
+            channel = grpc.intercept_channel(channel, TracingClientInterceptor())
+        self.stub = gateway_pb2_grpc.GatewayStub(channel)
         self.timeout_s = timeout_s
 
     @staticmethod

@@ -46,10 +46,10 @@ class ServerConfig:
 class ServiceHost:
     """Owns the server and its health status; `run()` serves until SIGTERM/SIGINT, then drains."""
 
-    def __init__(self, config: ServerConfig, service_names: list[str]):
+    def __init__(self, config: ServerConfig, service_names: list[str], interceptors=None):
         self.config = config
         self.service_names = service_names
-        self.server = grpc.aio.server(options=config.channel_options(),
+        self.server = grpc.aio.server(options=config.channel_options(), interceptors=interceptors or None,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -1,0 +1,1 @@
+"""Observability shared by the services: OpenTelemetry tracing over gRPC and Prometheus metrics."""
