@@ -1,14 +1,22 @@
-"""The whole topology as local processes (verifier TP=N, draft, gateway): `specd up-local` and the e2e tests."""
+"""The whole topology as local processes (redis, verifier TP=N, draft, gateway): `specd up-local` (foreground, or
+detached with a state file that `specd down-local` reads) and the e2e tests."""
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from common.rpc.health_check import check
+
+STATE_FILE = "state.json"
+# Stop order: the gateway drains its in-flight requests first (they still need the model services), Redis last.
+STOP_ORDER = ("gateway", "draft", "verifier", "redis")
+STOP_PHASES = (("gateway",), ("draft", "verifier"), ("redis",))
 
 
 class LocalTopology:
@@ -19,12 +27,46 @@ class LocalTopology:
         self.log_dir = log_dir
         self.env = {**os.environ, **(extra_env or {})}
         self.procs: dict[str, subprocess.Popen] = {}
+        self.service_env: dict[str, dict[str, str]] = {}   # per process, on top of self.env
+        self.redis_port: int | None = None
+        self.on_spawn = None                                # called after each process starts (the state file)
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        self._spawn_argv(name, [sys.executable, "-m", "common.cli", *args])
+
+    def _spawn_argv(self, name: str, argv: list[str]) -> None:
+        # Each process leads its own process group (the verifier's TP ranks join it), so stopping a service is one
+        # killpg, and a detached topology outlives the command that started it.
         out = open(self.log_dir / f"{name}.log", "w") if self.log_dir else None
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=self.env,
-                                            stdout=out or None, stderr=subprocess.STDOUT if out else None,
-                                            start_new_session=True)
+        try:
+            self.procs[name] = subprocess.Popen(argv, env={**self.env, **self.service_env.get(name, {})},
+                                                stdin=subprocess.DEVNULL, stdout=out or None,
+                                                stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        finally:
+            if out:
+                out.close()
+        if self.on_spawn:
+            self.on_spawn(self)
+
+    def start_redis(self, port: int = 0, maxmemory: str = "256mb", timeout_s: float = 10.0) -> bool:
+        """Start `redis-server` (if installed) on `port` (0: a free one) and point the services at it with REDIS_URL.
+        Returns False, changing nothing, when redis-server is not on PATH."""
+        from common.distributed import free_port
+        from common.redis_server import redis_answers, redis_server_argv
+        port = port or free_port()
+        argv = redis_server_argv(port, maxmemory)
+        if argv is None:
+            return False
+        self.redis_port = port
+        self._spawn_argv("redis", argv)
+        deadline = time.monotonic() + timeout_s
+        while not redis_answers(self.redis_port):
+            if self.procs["redis"].poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{self.redis_port}")
+            time.sleep(0.05)
+        self.env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        return True
 
     def start(self, timeout_s: float = 600.0) -> None:
         self._spawn("verifier", ["verifier", "--model", self.target, "--tp", str(self.tp), "--dtype", self.dtype,
@@ -64,8 +106,30 @@ class LocalTopology:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=60)
 
+    def ports(self) -> dict[str, int]:
+        """The TCP ports this topology listens on, by process (metrics ports included when set)."""
+        ports = {name: port for name, port in (("gateway", self.gateway_port), ("draft", self.draft_port),
+                                               ("verifier", self.verifier_port), ("redis", self.redis_port))
+                 if name in self.procs}
+        for name, env in self.service_env.items():
+            if name in self.procs and env.get("SPECD_METRICS_PORT", "0") != "0":
+                ports[f"{name}-metrics"] = int(env["SPECD_METRICS_PORT"])
+        return ports
+
+    def write_state(self, state_dir: Path, status: str) -> Path:
+        """Record what runs (pids = process groups, ports, logs) for `specd down-local`; written atomically."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        state = {"status": status, "created_by": os.getpid(), "log_dir": str(self.log_dir or ""),
+                 "processes": {name: {"pid": p.pid, "started": _start_time(p.pid)} for name, p in self.procs.items()},
+                 "ports": self.ports()}
+        path = state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+        return path
+
     def stop(self) -> None:
-        for name in ("gateway", "draft", "verifier"):
+        for name in STOP_ORDER:
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -82,3 +146,97 @@ class LocalTopology:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# ---- detached mode: `specd down-local` works from the state file alone ------------------------------------------
+
+def read_state(state_dir: Path) -> dict | None:
+    path = Path(state_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def running_processes(state: dict) -> dict[str, list[int]]:
+    """Live (non-zombie) pids of each recorded process group. A group is ours while its leader is ours (same
+    start time) or gone; Linux never hands out a pid that is still some group's id, so an orphaned group (TP
+    ranks whose leader died) is ours too."""
+    import psutil
+    groups = {}
+    for name, rec in state["processes"].items():
+        pid = rec["pid"]
+        started = _start_time(pid)
+        if rec["started"] is None or (started is not None and abs(started - rec["started"]) > 0.05):
+            continue                                    # gone before it was recorded, or the pid is a stranger's
+        groups[pid] = name
+    live: dict[str, list[int]] = {}
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            pgid = os.getpgid(proc.info["pid"])
+        except ProcessLookupError:
+            continue
+        if pgid in groups and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            live.setdefault(groups[pgid], []).append(proc.info["pid"])
+    return live
+
+
+def open_ports(state: dict) -> dict[str, int]:
+    return {name: port for name, port in state["ports"].items() if _accepts(port)}
+
+
+def down(state_dir: Path, grace_s: float = 30.0, log=print) -> list[str]:
+    """Stop a detached topology: SIGTERM each process group (gateway first), SIGKILL what outlives `grace_s`, then
+    check that no process and no port is left. Returns what is left (empty = all gone; the state file is removed)."""
+    state = read_state(state_dir)
+    if state is None:
+        return []
+    pgids = {name: rec["pid"] for name, rec in state["processes"].items()}
+    others = tuple(name for name in pgids if name not in STOP_ORDER)
+    for phase in (*STOP_PHASES, others):
+        names = [name for name in phase if name in running_processes(state)]
+        for name in names:
+            log(f"stopping {name} (process group {pgids[name]})")
+            _signal_group(pgids[name], signal.SIGTERM)
+        _wait_gone(state, names, grace_s)
+    for name, pids in running_processes(state).items():
+        log(f"{name} outlived the {grace_s:.0f}s grace: SIGKILL to {pids}")
+        _signal_group(pgids[name], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while running_processes(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    deadline = time.monotonic() + 1               # a dead process's listening sockets close with it
+    while open_ports(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [f"{name}: pids {pids} still running" for name, pids in running_processes(state).items()]
+    left += [f"{name}: port {port} still accepts connections" for name, port in open_ports(state).items()]
+    if not left:
+        (Path(state_dir) / STATE_FILE).unlink(missing_ok=True)
+    return left
+
+
+def _wait_gone(state: dict, names: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while names and set(names) & running_processes(state).keys() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+

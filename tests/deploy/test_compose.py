@@ -1,0 +1,152 @@
+"""deploy/docker-compose.yml: valid against the compose specification, and consistent with the CLI it runs (flags,
+ports, GPUs = --tp, health checks through `specd health`), with its .env.example, and with the image."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.manifests import (DEPLOY, GRPC_PORTS, SPECD_COMMANDS, compose_env, compose_variables,
+                                    dockerfile_env, dockerfile_stages, env_file, host_port, image_tag, load_compose,
+                                    parse_specd)
+
+CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
+COMPOSE = DEPLOY / "docker-compose.yml"
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHECK_JSONSCHEMA), "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return load_compose()
+
+
+@pytest.fixture(scope="module")
+def specd_services(compose):
+    """Service name → (service, parsed `specd` arguments under the container's environment)."""
+    image_env = dockerfile_env(dockerfile_stages()[1][-1])
+    image = compose["services"]["verifier"]["image"]
+    return {name: (svc, parse_specd(svc["command"], {**image_env, **compose_env(svc)}))
+            for name, svc in compose["services"].items() if svc["image"] == image}
+
+
+def test_validates_against_the_compose_spec_as_written_and_interpolated(tmp_path):
+    proc = _validate(COMPOSE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    interpolated = tmp_path / "docker-compose.yml"
+    interpolated.write_text(yaml.safe_dump(load_compose()))
+    proc = _validate(interpolated)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_validator_rejects_a_broken_file(tmp_path):
+    broken = load_compose()
+    broken["services"]["gateway"]["helthcheck"] = broken["services"]["gateway"].pop("healthcheck")
+    path = tmp_path / "docker-compose.yml"
+    path.write_text(yaml.safe_dump(broken))
+    assert _validate(path).returncode != 0
+
+
+def test_env_example_documents_every_variable_with_the_compose_default():
+    used = compose_variables(COMPOSE.read_text())
+    documented = env_file()
+    assert set(used) == set(documented), (f"undocumented: {set(used) - set(documented)}; "
+                                          f"unused: {set(documented) - set(used)}")
+    for name, default in used.items():
+        assert default == documented[name], f"${{{name}}}: compose default {default!r} != .env.example"
+
+
+def test_images_are_pinned(compose):
+    for name, svc in compose["services"].items():
+        tag = image_tag(svc["image"])
+        assert tag and tag != "latest", f"{name}: image {svc['image']} is not pinned"
+
+
+def test_every_service_has_a_memory_limit(compose):
+    for name, svc in compose["services"].items():
+        assert svc["deploy"]["resources"]["limits"]["memory"], name
+
+
+def test_services_run_the_cli_with_flags_it_accepts(specd_services):
+    assert {args.command for _, args in specd_services.values()} == {*SPECD_COMMANDS, "models"}
+    for name, (svc, args) in specd_services.items():
+        if args.command == "models":
+            assert args.models_dir == "/models" and svc["restart"] == "no"
+            continue
+        assert name == args.command
+        assert args.host == "0.0.0.0", f"{name} listens on {args.host} only"
+        assert args.port == GRPC_PORTS[name]
+        assert str(args.metrics_port) in svc["expose"]
+
+
+def test_every_grpc_service_is_health_checked_by_specd_health(specd_services):
+    for name, (svc, args) in specd_services.items():
+        if args.command == "models":
+            continue
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] == "specd"
+        health = parse_specd(test[2:], {})
+        assert health.command == "health" and host_port(health.target) == ("127.0.0.1", args.port)
+        assert svc["healthcheck"]["start_period"]
+
+
+def test_startup_order_waits_for_health(compose):
+    deps = {name: svc.get("depends_on", {}) for name, svc in compose["services"].items()}
+    assert deps["gateway"]["verifier"]["condition"] == "service_healthy"
+    assert deps["gateway"]["draft"]["condition"] == "service_healthy"
+    for model_service in ("verifier", "draft"):
+        assert deps[model_service]["models"]["condition"] == "service_completed_successfully"
+        assert deps[model_service]["redis"]["condition"] == "service_healthy"
+    assert "healthcheck" in compose["services"]["redis"]
+
+
+def test_verifier_gpus_match_tp_and_do_not_overlap_the_draft(compose, specd_services):
+    def gpu_ids(svc):
+        [device] = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        return [i for entry in device["device_ids"] for i in entry.split(",")]
+
+    verifier_svc, verifier = specd_services["verifier"]
+    draft_svc, draft = specd_services["draft"]
+    verifier_gpus, draft_gpus = gpu_ids(verifier_svc), gpu_ids(draft_svc)
+    assert len(verifier_gpus) == len(set(verifier_gpus)) == verifier.tp == int(env_file()["TP"])
+    assert len(draft_gpus) == 1 and not set(draft_gpus) & set(verifier_gpus)
+    assert verifier.device == draft.device == "cuda"
+    assert verifier_svc["shm_size"]                                    # NCCL needs more than Docker's 64 MB
+
+
+def test_gateway_reaches_the_model_services_by_name_and_publishes_its_port(specd_services):
+    svc, gateway = specd_services["gateway"]
+    for flag, target in (("verifier", gateway.verifier), ("draft", gateway.draft)):
+        host, port = host_port(target)
+        assert host == flag and port == specd_services[flag][1].port
+    [published] = svc["ports"]
+    assert int(published.rsplit(":", 1)[1]) == gateway.port
+
+
+def test_models_come_from_the_volume(compose, specd_services):
+    fetched = set(specd_services["models"][1].only)
+    for name, (svc, args) in specd_services.items():
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in svc["volumes"]}
+        assert mounts["/models"] in compose["volumes"] or mounts["/models"].startswith("/")
+        for path in (getattr(args, "model", None), getattr(args, "tokenizer", None)):
+            if path:
+                assert path.startswith("/models/") and path.split("/")[2] in fetched
+
+
+def test_telemetry_and_cache_settings_point_at_their_services(compose, specd_services):
+    jaeger_ports = {p.rsplit(":", 1)[1] for p in compose["services"]["jaeger"]["ports"]}
+    assert {"4317", "4318", "16686"} <= jaeger_ports
+    redis = compose["services"]["redis"]["command"]
+    assert redis[redis.index("--maxmemory-policy") + 1] == "allkeys-lru" and "--maxmemory" in redis
+    for name, (svc, args) in specd_services.items():
+        if args.command == "models":
+            continue
+        env = compose_env(svc)
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+        if args.command in ("verifier", "draft"):
+            assert args.redis_url == "redis://redis:6379/0"

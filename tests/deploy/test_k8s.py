@@ -1,0 +1,172 @@
+"""deploy/k8s/: every manifest valid against the Kubernetes schemas (offline, strict), and the project's invariants:
+flags the CLI accepts, ports and probes that agree, GPUs = --tp, resources everywhere, pinned images."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.manifests import (GRPC_PORTS, K8S, SPECD_COMMANDS, container_env, dockerfile_env,
+                                    dockerfile_stages, find, host_port, image_tag, k8s_files, k8s_objects,
+                                    parse_specd, pod_specs)
+
+KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+KUBERNETES_VERSION = "1.31.0"       # one of the schema sets the kubernetes-validate wheel ships (no network)
+
+
+@pytest.fixture(scope="module")
+def objects():
+    return k8s_objects()
+
+
+@pytest.fixture(scope="module")
+def services(objects):
+    """gRPC service name → (pod spec, main container, parsed `specd` arguments under the container's env)."""
+    image_env = dockerfile_env(dockerfile_stages()[1][-1])
+    out = {}
+    for name, spec in pod_specs(objects).items():
+        [container] = spec["containers"]
+        if container["image"].split(":")[0] == "specd":
+            args = parse_specd(container["args"], {**image_env, **container_env(container, objects)})
+            out[args.command] = (spec, container, args)
+    return out
+
+
+def _all_containers(objects):
+    for workload, spec in pod_specs(objects).items():
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            yield workload, container
+
+
+def test_manifests_validate_strictly_offline():
+    proc = subprocess.run([str(KUBERNETES_VALIDATE), "--strict", "--quiet", "-k", KUBERNETES_VERSION,
+                           *map(str, k8s_files())], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_validator_rejects_an_unknown_field(tmp_path, objects):
+    bad = dict(find(objects, "Service", "gateway"))
+    bad["spec"] = {**bad["spec"], "sesionAffinity": "ClientIP"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([str(KUBERNETES_VALIDATE), "--strict", "--quiet", "-k", KUBERNETES_VERSION, str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "sesionAffinity" in proc.stdout + proc.stderr
+
+
+def test_kustomization_lists_every_manifest_and_sets_the_namespace(objects):
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in k8s_files())
+    [namespace] = [o for o in objects if o["kind"] == "Namespace"]
+    assert kustomization["namespace"] == namespace["metadata"]["name"]
+    assert all(o["metadata"].get("namespace") == kustomization["namespace"] for o in objects if o is not namespace)
+    [image] = kustomization["images"]
+    tags = {c["image"] for _, c in _all_containers(objects) if c["image"].split(":")[0] == image["name"]}
+    assert tags == {f"{image['name']}:{image['newTag']}"}
+
+
+def test_every_container_has_requests_and_limits_and_a_pinned_image(objects):
+    for workload, container in _all_containers(objects):
+        where = f"{workload}/{container['name']}"
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= container["resources"][kind].keys(), f"{where}: {kind}"
+        tag = image_tag(container["image"])
+        assert tag and tag != "latest", f"{where}: image {container['image']} is not pinned"
+
+
+def test_services_run_the_cli_with_flags_it_accepts(services):
+    assert set(services) == set(SPECD_COMMANDS)
+    for name, (_, container, args) in services.items():
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert args.host == "0.0.0.0", f"{name} listens on {args.host} only"
+        assert args.port == ports["grpc"] == GRPC_PORTS[name]
+        assert args.metrics_port == ports["metrics"]
+
+
+def test_every_grpc_service_has_grpc_startup_readiness_and_liveness_probes(services):
+    for name, (_, container, args) in services.items():
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == args.port, f"{name}: {probe}"
+
+
+def test_verifier_startup_probe_allows_a_model_load(services):
+    probe = services["verifier"][1]["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
+
+
+def test_gpu_requests_equal_limits_equal_tp(services):
+    for name, want in (("verifier", services["verifier"][2].tp), ("draft", 1)):
+        resources = services[name][1]["resources"]
+        assert int(resources["requests"]["nvidia.com/gpu"]) == int(resources["limits"]["nvidia.com/gpu"]) == want
+        assert services[name][2].device == "cuda"
+    assert "nvidia.com/gpu" not in services["gateway"][1]["resources"]["limits"]
+
+
+def test_verifier_has_a_memory_backed_dev_shm(services):
+    spec, container, _ = services["verifier"]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]
+
+
+def test_model_paths_are_fetched_by_the_init_container_into_the_mounted_volume(services, objects):
+    for name, (spec, container, args) in services.items():
+        path = args.model if name != "gateway" else args.tokenizer
+        [init] = spec["initContainers"]
+        fetch = parse_specd(init["args"], {})
+        assert (fetch.command, fetch.models_command, fetch.models_dir) == ("models", "fetch", "/models")
+        assert path.startswith("/models/") and path.split("/")[2] in fetch.only
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+                  if "persistentVolumeClaim" in v}
+        for c in (init, container):
+            [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == "/models"]
+            find(objects, "PersistentVolumeClaim", claims[mount["name"]])
+
+
+def test_services_route_to_their_pods(objects, services):
+    workloads = {o["metadata"]["name"]: o for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
+    for svc in (o for o in objects if o["kind"] == "Service"):
+        pods = [w for w in workloads.values()
+                if svc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()]
+        assert len(pods) == 1, f"Service {svc['metadata']['name']} selects {len(pods)} workloads"
+        named = {p["name"] for c in pods[0]["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in named
+    # the gateway dials the verifier and the draft through their Services, on their gRPC ports
+    gateway = services["gateway"][2]
+    for target, name in ((gateway.verifier, "verifier"), (gateway.draft, "draft")):
+        host, port = host_port(target)
+        svc = find(objects, "Service", host)
+        assert {p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc"} == {services[name][2].port}
+
+
+def test_verifier_sessions_are_sticky_and_disruptions_bounded(objects):
+    assert find(objects, "Service", "verifier")["spec"]["sessionAffinity"] == "ClientIP"
+    statefulset = find(objects, "StatefulSet", "verifier")
+    find(objects, "Service", statefulset["spec"]["serviceName"])
+    pdb = find(objects, "PodDisruptionBudget", "verifier")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    assert pdb["spec"].get("maxUnavailable", 0) < statefulset["spec"]["replicas"]
+
+
+def test_autoscalers_target_the_stateless_deployments(objects):
+    hpas = {o["metadata"]["name"]: o for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
+    assert set(hpas) == {"draft", "gateway"}
+    for name, hpa in hpas.items():
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert (ref["kind"], ref["name"]) == ("Deployment", name)
+        find(objects, "Deployment", name)
+        assert 1 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+
+
+def test_telemetry_and_cache_settings_point_at_their_services(objects, services):
+    jaeger = find(objects, "Service", "jaeger")
+    assert {4317, 4318, 16686} <= {p["port"] for p in jaeger["spec"]["ports"]}
+    redis = find(objects, "Deployment", "redis")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis[redis.index("--maxmemory-policy") + 1] == "allkeys-lru" and "--maxmemory" in redis
+    assert 6379 in {p["port"] for p in find(objects, "Service", "redis")["spec"]["ports"]}
+    for name, (_, container, args) in services.items():
+        assert container_env(container, objects)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+        if name != "gateway":
+            assert args.redis_url == "redis://redis:6379/0"
