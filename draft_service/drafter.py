@@ -16,8 +16,8 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from concurrent.futures import Future
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from common.errors import KVCacheExhaustedError, SpecdError
@@ -25,6 +25,8 @@ from common.spec.draft_model_proposer import DraftModelProposer
 from common.spec.proposal import DraftProposal
 from common.spec.proposer import ProposeRequest
 from common.spec.sampling import SamplingParams
+from common.telemetry.metrics import DRAFT_BATCH_SIZE
+from common.telemetry.tracing import attached, current_context
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ class ProposeCall:
     params: SamplingParams
     round_index: int
     enqueued: float = 0.0
+    trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it
 
 
 @dataclass(slots=True)
@@ -68,7 +71,7 @@ class Drafter:
         self._next_seq = 1
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._deferred: list[tuple[ProposeCall, Future]] = []   # same request twice: next batch
-        self.batch_sizes: list[int] = []                        # one entry per batch (metrics read it)
+        self.batch_sizes: deque[int] = deque(maxlen=4096)       # the latest batches (tests read it)
         self._thread = threading.Thread(target=self._loop, name="drafter", daemon=True)
         self._thread.start()
 
@@ -77,7 +80,8 @@ class Drafter:
                round_index: int) -> Future:
         """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once."""
         self._validate(context, k)
-        call = ProposeCall(request_id, list(context), k, params, round_index, time.perf_counter())
+        call = ProposeCall(request_id, list(context), k, params, round_index, time.perf_counter(),
+                           current_context())
         fut: Future = Future()
         try:
             self._queue.put_nowait((call, fut))
@@ -143,7 +147,8 @@ class Drafter:
         requests = [ProposeRequest(seq, call.context, call.k, call.params, call.round_index)
                     for seq, (call, _) in zip(seqs, batch)]
         try:
-            proposals = self._propose(requests, seqs)
+            with attached(batch[0][0].trace_context if len(batch) == 1 else None):   # cache spans join it
+                proposals = self._propose(requests, seqs)
         except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
             log.warning("draft batch of %d failed: %s", len(batch), e)
             for _, fut in batch:
@@ -151,6 +156,7 @@ class Drafter:
             return
         compute_s = time.perf_counter() - start
         self.batch_sizes.append(len(batch))
+        DRAFT_BATCH_SIZE.observe(len(batch))
         for (call, fut), proposal, hit in zip(batch, proposals, cached):
             fut.set_result(DraftResult(proposal, hit, compute_s, start - call.enqueued, len(batch)))
 

@@ -5,7 +5,7 @@ import argparse
 import logging
 import time
 
-from common.rpc.flags import add_model_flags, add_server_flags, env_default, server_config
+from common.rpc.flags import add_model_flags, add_server_flags, env_default, prefix_cache_config, server_config
 
 log = logging.getLogger("specd.draft")
 
@@ -24,17 +24,24 @@ async def serve(args) -> None:
     from common.rpc.model_info import model_info
     from common.rpc.server import ServiceHost
     from common.spec.sampling import SamplingParams
+    from common.telemetry import metrics
+    from common.telemetry.server_interceptor import server_interceptors
+    from common.telemetry.tracing import DRAFT, setup_tracing, shutdown_tracing
     from draft_service.drafter import Drafter
     from draft_service.servicer import DraftServicer
 
     if not args.model:
         raise SystemExit("specd draft: --model (or SPECD_MODEL) is required")
-    host = ServiceHost(server_config(args), ["specd.v1.DraftService"])
+    tracing = setup_tracing(DRAFT)
+    host = ServiceHost(server_config(args), ["specd.v1.DraftService"], interceptors=server_interceptors(tracing))
+    metrics.start_metrics_server(args.metrics_port, args.host)
     t0 = time.perf_counter()
     runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
-                                      max_num_seqs=args.max_cached_sequences + 1))
+                                      max_num_seqs=args.max_cached_sequences + 1,
+                                      prefix_cache=prefix_cache_config(args)))
     drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences)
+    metrics.watch_engine(metrics.DRAFT_QUEUE_DEPTH, lambda: drafter.queue_depth, runner.allocator)
     info = model_info(args.model, runner, args.dtype, args.device, 1, args.k_max)
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, info), host.server)
     log.info("draft loaded %s in %.1fs", args.model, time.perf_counter() - t0)
@@ -44,5 +51,7 @@ async def serve(args) -> None:
 
     async def drained():
         drafter.shutdown()
+        runner.close()
+        shutdown_tracing(tracing)
 
     await host.run(warm_up, drained)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
+from opentelemetry import trace
+
 from common.rpc.convert import dists_to_pb, sampling_from_pb
 from common.rpc.errors import abort_with
 from common.rpc.generated.specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
@@ -21,6 +23,12 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
                 request.request_id, list(request.context_token_ids), request.k, params, request.round))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
             await abort_with(context, e)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes({"specd.round": request.round, "specd.k": request.k,
+                                 "specd.context_tokens": len(request.context_token_ids),
+                                 "specd.cached_tokens": result.cached_tokens, "specd.batch_size": result.batch_size,
+                                 "specd.queue_ms": result.queue_s * 1000, "specd.compute_ms": result.compute_s * 1000})
         return draft_pb2.ProposeReply(token_ids=result.proposal.token_ids, dists=dists_to_pb(result.proposal),
                                       cached_tokens=result.cached_tokens, compute_ms=result.compute_s * 1000,
                                       queue_ms=result.queue_s * 1000, batch_size=result.batch_size)

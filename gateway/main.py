@@ -40,14 +40,15 @@ def _service_config(service: str) -> str:
         "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
 
-def channel(target: str, service: str, options) -> grpc.aio.Channel:
+def channel(target: str, service: str, options, interceptors=None) -> grpc.aio.Channel:
     # Short reconnect backoff: a restarted replica is used again within seconds, not after gRPC's default
     # exponential backoff (up to 120 s).
     return grpc.aio.insecure_channel(target, options=[*options, ("grpc.service_config", _service_config(service)),
                                                       ("grpc.enable_retries", 1),
                                                       ("grpc.initial_reconnect_backoff_ms", 200),
                                                       ("grpc.min_reconnect_backoff_ms", 200),
-                                                      ("grpc.max_reconnect_backoff_ms", 2000)])
+                                                      ("grpc.max_reconnect_backoff_ms", 2000)],
+                                     interceptors=interceptors or None)
 
 
 async def wait_for_info(stub, what: str, timeout_s: float):
@@ -70,6 +71,10 @@ async def serve(args) -> None:
     from common.spec.adaptive_k import CostModel
     from common.tokenizer import load_tokenizer, stop_string_checker, stop_token_ids, vocab_fingerprint
     from common.llm import parse_num_speculative_tokens
+    from common.telemetry import metrics
+    from common.telemetry.client_interceptors import TracingAioClientInterceptor
+    from common.telemetry.server_interceptor import server_interceptors
+    from common.telemetry.tracing import GATEWAY, setup_tracing, shutdown_tracing
     from gateway.rounds import RoundRunner, RoundSettings
     from gateway.servicer import GatewayServicer
 
@@ -78,16 +83,20 @@ async def serve(args) -> None:
     tokenizer = load_tokenizer(args.tokenizer or str(model_path(TARGET_MODEL)))
     fingerprint = vocab_fingerprint(tokenizer)
     cfg = server_config(args)
-    host = ServiceHost(cfg, ["specd.v1.Gateway"])
+    tracing = setup_tracing(GATEWAY)
+    traced = [TracingAioClientInterceptor(tracing)] if tracing is not None else None
+    host = ServiceHost(cfg, ["specd.v1.Gateway"], interceptors=server_interceptors(tracing))
+    metrics.start_metrics_server(args.metrics_port, args.host)
     verifier = verifier_pb2_grpc.VerifierServiceStub(channel(args.verifier, "specd.v1.VerifierService",
-                                                             cfg.channel_options()))
+                                                             cfg.channel_options(), traced))
     v_info = await wait_for_info(verifier, f"verifier at {args.verifier}", args.startup_timeout_s)
     if v_info.vocab_fingerprint != fingerprint:
         raise TokenizerMismatchError(f"verifier tokenizer fingerprint {v_info.vocab_fingerprint} differs from the "
                                      f"gateway's {fingerprint}: refusing to serve")
     draft = None
     if args.draft:
-        draft = draft_pb2_grpc.DraftServiceStub(channel(args.draft, "specd.v1.DraftService", cfg.channel_options()))
+        draft = draft_pb2_grpc.DraftServiceStub(channel(args.draft, "specd.v1.DraftService", cfg.channel_options(),
+                                                        traced))
         try:
             d_info = await wait_for_info(draft, f"draft at {args.draft}", min(args.startup_timeout_s, 60))
         except RuntimeError as e:
@@ -103,4 +112,8 @@ async def serve(args) -> None:
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(rounds, tokenizer, k, args.k_max, v_info.vocab_size),
                                                    host.server)
     log.info("gateway: verifier %s (%s), draft %s, K=%s", args.verifier, v_info.model_id, args.draft or "none", k)
-    await host.run()
+
+    async def drained():
+        shutdown_tracing(tracing)
+
+    await host.run(on_drained=drained)

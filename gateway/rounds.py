@@ -15,14 +15,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import trace
 
 from common.rpc.convert import dists_to_pb, proposal_from_pb, sampling_to_pb
 from common.rpc.generated.specd.v1 import draft_pb2, verifier_pb2
 from common.spec.adaptive_k import CostModel
 from common.spec.proposal import DraftProposal
 from common.spec.request import Request, StopCheck, choose_k, commit_tokens
+from common.telemetry import metrics
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 _RESYNC_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
 
@@ -67,6 +70,7 @@ class RoundTiming:
     verify_compute_s: float = 0.0
     wire_bytes: int = 0
     queue_s: float = 0.0
+    prefix_cached_tokens: int = 0
 
 
 class RoundRunner:
@@ -89,14 +93,26 @@ class RoundRunner:
         sampling = sampling_to_pb(r.params)
         try:
             while not r.finished:
-                k = choose_k(r, self.max_model_len, self.draft is not None and self.draft_state.available())
-                proposal = await self._propose(r, request_id, k, sampling, timing) if k else DraftProposal([])
-                reply, session = await self._verify(r, session, proposal, sampling, timing)
-                emitted = list(reply.accepted_token_ids) + [reply.next_token_id]
-                r.stats.record(proposal.k, len(reply.accepted_token_ids))
-                if r.controller is not None and proposal.k:
-                    r.controller.observe(proposal.k, len(reply.accepted_token_ids))
-                yield commit_tokens(r, emitted, self.eos, self.max_model_len, self.stop_check)
+                # The span ends before the yield: a suspended generator must not leave its context attached.
+                with tracer.start_as_current_span("round") as span:
+                    t, index, failures = time.perf_counter(), r.stats.rounds, timing.fallback_rounds
+                    draft_down = self.draft is not None and not self.draft_state.available()
+                    k = choose_k(r, self.max_model_len, self.draft is not None and not draft_down)
+                    proposal = await self._propose(r, request_id, k, sampling, timing) if k else DraftProposal([])
+                    reply, session = await self._verify(r, session, proposal, sampling, timing)
+                    emitted = list(reply.accepted_token_ids) + [reply.next_token_id]
+                    accepted = len(reply.accepted_token_ids)
+                    r.stats.record(proposal.k, accepted)
+                    if r.controller is not None and proposal.k:
+                        r.controller.observe(proposal.k, accepted)
+                    appended = commit_tokens(r, emitted, self.eos, self.max_model_len, self.stop_check)
+                    fallback = draft_down or timing.fallback_rounds > failures
+                    metrics.record_round(k, proposal.k, accepted, len(appended), time.perf_counter() - t, fallback)
+                    if span.is_recording():
+                        span.set_attributes({"specd.round": index, "specd.k": proposal.k, "specd.k_chosen": k,
+                                             "specd.accepted": accepted, "specd.fallback": fallback,
+                                             "specd.session": session})
+                yield appended
         finally:
             await self._release(session)
 
@@ -113,6 +129,7 @@ class RoundRunner:
             timing.fallback_rounds += 1
             return DraftProposal([])
         dt = time.perf_counter() - t
+        metrics.DRAFT_LATENCY.observe(dt)
         timing.draft_s += dt
         timing.draft_compute_s += reply.compute_ms / 1000
         timing.queue_s += reply.queue_ms / 1000
@@ -139,9 +156,11 @@ class RoundRunner:
                     continue
                 raise
             dt = time.perf_counter() - t
+            metrics.VERIFY_LATENCY.observe(dt)
             timing.verify_s += dt
             timing.verify_compute_s += reply.compute_ms / 1000
             timing.queue_s += reply.queue_ms / 1000
+            timing.prefix_cached_tokens += reply.cached_tokens
             timing.wire_bytes += req.ByteSize() + reply.ByteSize()
             timing.max_batch_size = max(timing.max_batch_size, reply.batch_size)
             r.stats.verify_time_s += dt

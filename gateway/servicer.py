@@ -1,17 +1,20 @@
 """Gateway over gRPC: validate and convert the request, run its rounds, return or stream the result."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
 import grpc
+from opentelemetry import trace
 
 from common.rpc.convert import sampling_from_pb
-from common.rpc.errors import abort_with
+from common.rpc.errors import abort_with, status_for
 from common.rpc.generated.specd.v1 import gateway_pb2, gateway_pb2_grpc
 from common.spec.adaptive_k import AdaptiveK
 from common.spec.request import Request
 from common.spec.sampling import SamplingParams
+from common.telemetry import metrics
 from common.tokenizer import encode_prompt
 from gateway.rounds import RoundRunner
 from gateway.text import IncrementalText
@@ -72,7 +75,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             max_verify_batch_size=t.max_batch_size if t else 0,
             draft_compute_ms=(t.draft_compute_s if t else 0) * 1000,
             verify_compute_ms=(t.verify_compute_s if t else 0) * 1000, wire_bytes=t.wire_bytes if t else 0,
-            queue_ms=(t.queue_s if t else 0) * 1000)
+            queue_ms=(t.queue_s if t else 0) * 1000, prefix_cached_tokens=t.prefix_cached_tokens if t else 0)
 
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Generate(self, request, context):
@@ -84,6 +87,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 pass
         except Exception as e:  # noqa: BLE001
             await self._fail(context, e)
+        except asyncio.CancelledError:
+            metrics.REQUESTS.labels("CANCELLED").inc()
+            raise
+        self._finished(r)
         return gateway_pb2.GenerateReply(text=text.full_text(r.output_ids), token_ids=r.output_ids,
                                          finish_reason=r.finish_reason or "length", prompt_tokens=len(r.prompt_ids),
                                          stats=self._stats(r, started))
@@ -98,15 +105,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 if r.finished:
                     chunk.finish_reason = r.finish_reason
                     chunk.stats.CopyFrom(self._stats(r, started))
+                    self._finished(r)
                 yield chunk
         except Exception as e:  # noqa: BLE001
             await self._fail(context, e)
+        except (asyncio.CancelledError, GeneratorExit):
+            metrics.REQUESTS.labels("CANCELLED").inc()      # the client went away mid-stream
+            raise
+
+    @staticmethod
+    def _finished(r: Request) -> None:
+        metrics.REQUESTS.labels("OK").inc()
+        span = trace.get_current_span()
+        if span.is_recording():
+            s = r.stats
+            span.set_attributes({"specd.prompt_tokens": len(r.prompt_ids), "specd.output_tokens": len(r.output_ids),
+                                 "specd.rounds": s.rounds, "specd.drafted": s.drafted, "specd.accepted": s.accepted,
+                                 "specd.finish_reason": r.finish_reason or "length"})
 
     @staticmethod
     async def _fail(context, e: Exception):
         if isinstance(e, grpc.aio.AioRpcError):             # a downstream service's status, passed on
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                metrics.REQUESTS.labels("UNAVAILABLE").inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {e.details()}")
+            metrics.REQUESTS.labels(code.name).inc()
             await context.abort(code, e.details() or code.name)
+        metrics.REQUESTS.labels(status_for(e).name).inc()
         await abort_with(context, e)

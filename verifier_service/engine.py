@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from common.errors import SpecdError
 from common.spec.proposal import DraftProposal
 from common.spec.rejection import RejectionSampler, VerifyInput
 from common.spec.sampling import SamplingParams
+from common.telemetry.metrics import VERIFIER_BATCH_SIZE
+from common.telemetry.tracing import attached
 from verifier_service.sessions import (RoundMismatchError, Session, SessionTable, UnknownSessionError,
                                        VerifyResult)
 
@@ -38,6 +41,7 @@ class VerifyCall:
     proposal: DraftProposal
     params: SamplingParams
     enqueued: float = 0.0
+    trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it (set by the servicer)
 
 
 class VerifierEngine:
@@ -53,7 +57,7 @@ class VerifierEngine:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()              # guards sessions against Release from other threads
         self._stop = threading.Event()
-        self.batch_sizes: list[int] = []           # one entry per forward pass (metrics read it)
+        self.batch_sizes: deque[int] = deque(maxlen=4096)   # the latest forward passes (tests read it)
         self._thread = threading.Thread(target=self._loop, name="verifier-engine", daemon=True)
         self._thread.start()
 
@@ -140,25 +144,29 @@ class VerifierEngine:
         chunks = [SequenceChunk(s.seq_id, c.new_tokens + c.proposal.token_ids, num_logits=c.proposal.k + 1)
                   for c, _, s in runnable]
         try:
-            logits = self.executor.forward(chunks)
+            with attached(runnable[0][0].trace_context if len(runnable) == 1 else None):   # cache spans join it
+                logits = self.executor.forward(chunks)
         except (SpecdError, ValueError) as e:
             for call, fut, session in runnable:
                 if session.next_round == 0:
                     self._drop_new_session(session)
                 fut.set_exception(e)
             return
+        cached = self.executor.last_cached_tokens
         outcomes = self.sampler([VerifyInput(row, c.proposal, c.params, c.round, c.committed_len)
                                  for (c, _, _), row in zip(runnable, logits)])
         compute_ms = (time.perf_counter() - t) * 1000
         self.batch_sizes.append(len(runnable))
-        for (call, fut, session), out in zip(runnable, outcomes):
+        VERIFIER_BATCH_SIZE.observe(len(runnable))
+        for (call, fut, session), out, hit in zip(runnable, outcomes, cached):
             keep = call.committed_len + out.num_accepted
-            self.executor.truncate(session.seq_id, keep)
+            with attached(call.trace_context):
+                self.executor.truncate(session.seq_id, keep)
             session.kv_len = keep
             session.next_round = call.round + 1
             session.last_used = time.monotonic()
             session.last_result = VerifyResult(out.accepted, out.next_token, out.is_bonus, keep, call.round,
-                                               len(runnable), compute_ms, (t - call.enqueued) * 1000)
+                                               len(runnable), compute_ms, (t - call.enqueued) * 1000, hit)
             fut.set_result(session.last_result)
 
     def _admit(self, call: VerifyCall) -> tuple[Session, VerifyResult | None]:

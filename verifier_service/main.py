@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from common.rpc.flags import add_model_flags, add_server_flags, env_default, server_config
+from common.rpc.flags import add_model_flags, add_server_flags, env_default, prefix_cache_config, server_config
 
 log = logging.getLogger("specd.verifier")
 
@@ -31,16 +31,24 @@ async def serve(args) -> None:
     from verifier_service.servicer import VerifierServicer
     from common.spec.proposal import DraftProposal
     from common.spec.sampling import SamplingParams
+    from common.telemetry import metrics
+    from common.telemetry.server_interceptor import server_interceptors
+    from common.telemetry.tracing import VERIFIER, setup_tracing, shutdown_tracing
 
     if not args.model:
         raise SystemExit("specd verifier: --model (or SPECD_MODEL) is required")
-    host = ServiceHost(server_config(args), ["specd.v1.VerifierService"])
+    tracing = setup_tracing(VERIFIER)
+    host = ServiceHost(server_config(args), ["specd.v1.VerifierService"],
+                       interceptors=server_interceptors(tracing))
+    metrics.start_metrics_server(args.metrics_port, args.host)
     t0 = time.perf_counter()
     executor = TPExecutor(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp,
                                        kv_cache_memory_gib=args.kv_cache_gib,
-                                       max_model_len=args.max_model_len or None, max_num_seqs=args.max_sessions))
+                                       max_model_len=args.max_model_len or None, max_num_seqs=args.max_sessions,
+                                       prefix_cache=prefix_cache_config(args)))
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
                             session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions)
+    metrics.watch_engine(metrics.VERIFIER_QUEUE_DEPTH, lambda: engine.queue_depth, executor.allocator)
     info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(engine, info), host.server)
     log.info("verifier loaded %s (tp=%d) in %.1fs", args.model, args.tp, time.perf_counter() - t0)
@@ -53,5 +61,6 @@ async def serve(args) -> None:
     async def drained():
         engine.shutdown()
         executor.shutdown()
+        shutdown_tracing(tracing)
 
     await host.run(warm_up, drained)

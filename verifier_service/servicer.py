@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import asyncio
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from common.rpc.convert import proposal_from_pb, sampling_from_pb
 from common.rpc.errors import abort_with
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
@@ -15,7 +18,7 @@ def _reply(r: VerifyResult) -> verifier_pb2.VerifyReply:
     return verifier_pb2.VerifyReply(accepted_token_ids=r.accepted, next_token_id=r.next_token, is_bonus=r.is_bonus,
                                     rollback=verifier_pb2.KvRollback(truncate_to=r.truncate_to, round=r.round),
                                     batch_size=r.batch_size, compute_ms=r.compute_ms,
-                                    queue_ms=r.queue_ms)
+                                    queue_ms=r.queue_ms, cached_tokens=r.cached_tokens)
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
@@ -24,12 +27,20 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.info = info
 
     async def _run(self, call: VerifyCall, context) -> verifier_pb2.VerifyReply:
+        call.trace_context = otel_context.get_current()         # the engine thread's spans join this RPC's trace
         try:
             result = await asyncio.wrap_future(self.engine.submit(call))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
             if isinstance(e, RoundMismatchError):
                 context.set_trailing_metadata((("specd-expected-round", str(e.expected_round)),))
             await abort_with(context, e)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes({"specd.session": call.session_id, "specd.round": call.round,
+                                 "specd.new_tokens": len(call.new_tokens), "specd.k": call.proposal.k,
+                                 "specd.accepted": len(result.accepted), "specd.batch_size": result.batch_size,
+                                 "specd.cached_tokens": result.cached_tokens, "specd.queue_ms": result.queue_ms,
+                                 "specd.compute_ms": result.compute_ms})
         return _reply(result)
 
     async def Verify(self, request, context):

@@ -29,6 +29,7 @@ class VerifyResult:
     batch_size: int
     compute_ms: float
     queue_ms: float = 0.0      # waited in the verify queue before the forward pass
+    cached_tokens: int = 0     # of the call's new tokens, loaded from the prefix cache
 
 
 @dataclass(slots=True)

@@ -57,7 +57,7 @@ def test_concurrent_calls_are_batched_and_equal_sequential_ones(folder, params):
     if not params.greedy:
         for r, p in zip(results, expected):
             assert [q.token_ids for q in r.proposal.dists] == [q.token_ids for q in p.dists]
-    assert d.batch_sizes == [1, len(CONTEXTS)]
+    assert list(d.batch_sizes) == [1, len(CONTEXTS)]
     assert all(r.batch_size == len(CONTEXTS) for r in results)
 
 

@@ -34,7 +34,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "mean_acceptance_length", "accepted_per_position", "fallback_rounds", "draft_ms", "verify_ms", "total_ms", "max_verify_batch_size", "draft_compute_ms", "verify_compute_ms", "wire_bytes", "queue_ms")
+    __slots__ = ("rounds", "drafted", "accepted", "acceptance_rate", "mean_acceptance_length", "accepted_per_position", "fallback_rounds", "draft_ms", "verify_ms", "total_ms", "max_verify_batch_size", "draft_compute_ms", "verify_compute_ms", "wire_bytes", "queue_ms", "prefix_cached_tokens")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class SpecStats(_message.Message):
     VERIFY_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     drafted: int
     accepted: int
@@ -65,7 +66,8 @@ class SpecStats(_message.Message):
     verify_compute_ms: float
     wire_bytes: int
     queue_ms: float
-    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_acceptance_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., fallback_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., max_verify_batch_size: _Optional[int] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., wire_bytes: _Optional[int] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    prefix_cached_tokens: int
+    def __init__(self, rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_acceptance_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., fallback_rounds: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., max_verify_batch_size: _Optional[int] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., wire_bytes: _Optional[int] = ..., queue_ms: _Optional[float] = ..., prefix_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateReply(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens", "stats")

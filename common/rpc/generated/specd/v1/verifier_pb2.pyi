@@ -44,7 +44,7 @@ class KvRollback(_message.Message):
     def __init__(self, truncate_to: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
-    __slots__ = ("accepted_token_ids", "next_token_id", "is_bonus", "rollback", "batch_size", "compute_ms", "queue_ms")
+    __slots__ = ("accepted_token_ids", "next_token_id", "is_bonus", "rollback", "batch_size", "compute_ms", "queue_ms", "cached_tokens")
     ACCEPTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     IS_BONUS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class VerifyReply(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     accepted_token_ids: _containers.RepeatedScalarFieldContainer[int]
     next_token_id: int
     is_bonus: bool
@@ -59,7 +60,8 @@ class VerifyReply(_message.Message):
     batch_size: int
     compute_ms: float
     queue_ms: float
-    def __init__(self, accepted_token_ids: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., rollback: _Optional[_Union[KvRollback, _Mapping]] = ..., batch_size: _Optional[int] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, accepted_token_ids: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., rollback: _Optional[_Union[KvRollback, _Mapping]] = ..., batch_size: _Optional[int] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id",)
