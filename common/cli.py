@@ -77,13 +77,38 @@ def _cmd_generate(args) -> int:
 
 
 def _generate_via_gateway(args) -> int:
+    import os
+
+    from common.errors import ConfigError
+    from common.rpc.flags import tls_config
     from common.telemetry.tracing import CLIENT, setup_tracing, shutdown_tracing
     from gateway.client import SpecdClient
+    try:
+        tls = tls_config(args)
+        api_key = _read_api_key(args.api_key_file) if args.api_key_file else os.environ.get("SPECD_API_KEY") or None
+        client = SpecdClient(args.gateway, tls=tls, api_key=api_key)
+    except ConfigError as e:
+        print(f"specd generate: {e}", file=sys.stderr)
+        return 2
     tracing = setup_tracing(CLIENT)            # OTEL_EXPORTER_OTLP_ENDPOINT set: the trace starts here
     try:
-        return _generate_with(SpecdClient(args.gateway), args)
+        return _generate_with(client, args)
     finally:
         shutdown_tracing(tracing)
+
+
+def _read_api_key(path: str) -> str:
+    from pathlib import Path
+
+    from common.errors import ConfigError
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    except OSError as e:
+        raise ConfigError(f"--api-key-file {path!r}: cannot be read ({e.strerror})") from None
+    keys = [ln for ln in lines if ln and not ln.startswith("#")]
+    if len(keys) != 1:
+        raise ConfigError(f"--api-key-file {path!r}: must hold exactly one key, found {len(keys)}")
+    return keys[0]
 
 
 def _generate_with(client, args) -> int:
@@ -124,7 +149,22 @@ def _serve(module: str):
     def run(args) -> int:
         import asyncio
         import importlib
-        asyncio.run(importlib.import_module(module).serve(args))
+
+        from common.errors import ConfigError
+        from common.rpc.flags import server_config
+        service = importlib.import_module(module)
+        try:
+            server_config(args)            # TLS or --insecure, readable certificates: checked before any model loads
+            if hasattr(service, "check_args"):
+                service.check_args(args)
+        except ValueError as e:            # ConfigError included
+            print(f"specd {args.command}: {e}", file=sys.stderr)
+            return 2
+        try:
+            asyncio.run(service.serve(args))
+        except ConfigError as e:
+            print(f"specd {args.command}: {e}", file=sys.stderr)
+            return 2
         return 0
     return run
 
@@ -167,7 +207,8 @@ def _cmd_up_local(args) -> int:
     try:
         _start_redis(topo, args)
         topo.start(timeout_s=args.timeout)
-        print(f"up: {_describe(topo)}\ntry: specd generate --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'"
+        print(f"up (plaintext, local only): {_describe(topo)}\n"
+              f"try: specd generate --insecure --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'"
               "   (Ctrl-C stops everything)", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in topo.procs.values()):
@@ -203,7 +244,7 @@ def _up_detached(topo, args, state_dir) -> int:
         return 1
     topo.write_state(state_dir, "up")
     print(f"up: {_describe(topo)}\nstate: {state_dir / STATE_FILE}\n"
-          f"try:  specd generate --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'\n"
+          f"try:  specd generate --insecure --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'\n"
           f"stop: specd down-local --state-dir {state_dir}", flush=True)
     return 0
 
@@ -258,13 +299,21 @@ def _cmd_down_local(args) -> int:
 
 
 def _cmd_health(args) -> int:
+    from common.errors import ConfigError
+    from common.rpc.flags import tls_config
     from common.rpc.health_check import check
-    ok, message = check(args.target, args.service, args.timeout)
+    try:
+        tls = tls_config(args)
+    except ConfigError as e:
+        print(f"specd health: {e}", file=sys.stderr)
+        return 2
+    ok, message = check(args.target, args.service, args.timeout, tls=tls)
     print(message)
     return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from common.rpc.flags import add_client_tls_flags
     p = argparse.ArgumentParser(prog="specd", description="Speculative decoding as gRPC microservices.")
     p.add_argument("--log-level", default="WARNING")
     sub = p.add_subparsers(dest="command", required=True)
@@ -305,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, stats")
     gen.add_argument("--gateway", default=None, help="host:port: generate through a running gateway instead")
+    add_client_tls_flags(gen)
+    gen.add_argument("--api-key-file", default=None,
+                     help="--gateway: file holding the API key to send (default: $SPECD_API_KEY, else none)")
     gen.set_defaults(func=_cmd_generate)
 
     from draft_service.main import add_arguments as draft_args
@@ -318,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         add(sp)
         sp.set_defaults(func=_serve(module))
 
-    up = sub.add_parser("up-local", help="run redis, verifier (TP), draft and gateway as local processes")
+    up = sub.add_parser("up-local", help="run redis, verifier (TP), draft and gateway as local processes "
+                        "(plaintext gRPC on 127.0.0.1: local development)")
     up.add_argument("--target", default=None)
     up.add_argument("--draft", default=None)
     up.add_argument("--tp", type=int, default=2)
@@ -346,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("target", help="host:port")
     health.add_argument("--service", default="", help="service name (default: the server as a whole)")
     health.add_argument("--timeout", type=float, default=3.0)
+    add_client_tls_flags(health)
     health.set_defaults(func=_cmd_health)
     return p
 

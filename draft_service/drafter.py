@@ -30,6 +30,8 @@ from common.telemetry.tracing import attached, current_context
 
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_ID_CHARS = 128          # the id keys the soft cache: bounded like the verifier's session ids
+
 
 class DraftQueueFullError(SpecdError):
     """The propose queue is at its bound: the caller should back off (RESOURCE_EXHAUSTED)."""
@@ -63,7 +65,7 @@ class Drafter:
         self.runner = runner
         self.k_max = k_max
         self.max_cached_sequences = max_cached_sequences
-        self.max_batch = max_batch
+        self.max_batch = min(max_batch, runner.config.max_num_seqs)     # a batch's sequences must all fit
         self.proposer = DraftModelProposer(runner, max_support=max_support)
         self.vocab_size = runner.model_config.vocab_size
         self.max_model_len = runner.max_model_len
@@ -79,7 +81,7 @@ class Drafter:
     def submit(self, request_id: str, context: list[int], k: int, params: SamplingParams,
                round_index: int) -> Future:
         """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once."""
-        self._validate(context, k)
+        self._validate(request_id, context, k)
         call = ProposeCall(request_id, list(context), k, params, round_index, time.perf_counter(),
                            current_context())
         fut: Future = Future()
@@ -141,12 +143,17 @@ class Drafter:
         return False
 
     def _run(self, batch: list[tuple[ProposeCall, Future]]) -> None:
+        # A caller that went away (cancelled, past the gateway's draft deadline) cancelled its future: skip it,
+        # and never set a result on a cancelled future (InvalidStateError would end this thread).
+        batch = [(call, fut) for call, fut in batch if fut.set_running_or_notify_cancel()]
+        if not batch:
+            return
         start = time.perf_counter()
-        seqs = [self._sequence_for(call.request_id) for call, _ in batch]
-        cached = [self.proposer.cached_prefix(seq, call.context) for seq, (call, _) in zip(seqs, batch)]
-        requests = [ProposeRequest(seq, call.context, call.k, call.params, call.round_index)
-                    for seq, (call, _) in zip(seqs, batch)]
         try:
+            seqs = [self._sequence_for(call.request_id) for call, _ in batch]
+            cached = [self.proposer.cached_prefix(seq, call.context) for seq, (call, _) in zip(seqs, batch)]
+            requests = [ProposeRequest(seq, call.context, call.k, call.params, call.round_index)
+                        for seq, (call, _) in zip(seqs, batch)]
             with attached(batch[0][0].trace_context if len(batch) == 1 else None):   # cache spans join it
                 proposals = self._propose(requests, seqs)
         except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
@@ -161,6 +168,9 @@ class Drafter:
             fut.set_result(DraftResult(proposal, hit, compute_s, start - call.enqueued, len(batch)))
 
     def _propose(self, requests: list[ProposeRequest], seqs: list[int]) -> list[DraftProposal]:
+        # Room first: the runner holds at most max_cached_sequences + 1 sequences, and a batch can bring several
+        # new ones (a full cache + 2 new requests failed with "too many sequences").
+        self._evict(keep=set(seqs), limit=max(self.max_cached_sequences, len(seqs)))
         try:
             proposals = self.proposer.propose(requests)
         except KVCacheExhaustedError:
@@ -177,7 +187,9 @@ class Drafter:
         self._evict(keep=set(seqs), limit=max(self.max_cached_sequences, len(seqs)))
         return proposals
 
-    def _validate(self, context: list[int], k: int) -> None:
+    def _validate(self, request_id: str, context: list[int], k: int) -> None:
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise ValueError(f"request_id: {len(request_id)} characters, must be <= {MAX_REQUEST_ID_CHARS}")
         if not context:
             raise ValueError("context_token_ids: empty")
         if not 1 <= k <= self.k_max:

@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--max-cached-sequences", type=int, default=env_default("max_cached_sequences", 64),
                    help="soft KV cache bound (LRU)")
+    p.add_argument("--max-queue", type=int, default=env_default("max_queue", 256),
+                   help="Propose calls waiting beyond this are refused with RESOURCE_EXHAUSTED (SPECD_MAX_QUEUE)")
 
 
 async def serve(args) -> None:
@@ -40,7 +42,8 @@ async def serve(args) -> None:
                                       kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
                                       max_num_seqs=args.max_cached_sequences + 1,
                                       prefix_cache=prefix_cache_config(args)))
-    drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences)
+    drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences,
+                      max_queue=args.max_queue)
     metrics.watch_engine(metrics.DRAFT_QUEUE_DEPTH, lambda: drafter.queue_depth, runner.allocator)
     info = model_info(args.model, runner, args.dtype, args.device, 1, args.k_max)
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, info), host.server)

@@ -31,6 +31,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify-timeout-s", type=float, default=env_default("verify_timeout_s", 120.0))
     p.add_argument("--startup-timeout-s", type=float, default=env_default("startup_timeout_s", 600.0),
                    help="how long to wait for the verifier to come up")
+    up = p.add_argument_group("upstream TLS (the gateway's calls to the draft service and the verifier)")
+    up.add_argument("--upstream-tls-ca", default=env_default("upstream_tls_ca", None),
+                    help="PEM CA bundle the draft's and verifier's certificates must chain to (SPECD_UPSTREAM_TLS_CA)")
+    up.add_argument("--upstream-tls-cert", default=env_default("upstream_tls_cert", None),
+                    help="the gateway's client certificate, for upstreams that require one (mTLS) "
+                         "(SPECD_UPSTREAM_TLS_CERT)")
+    up.add_argument("--upstream-tls-key", default=env_default("upstream_tls_key", None),
+                    help="its private key (SPECD_UPSTREAM_TLS_KEY)")
+    up.add_argument("--upstream-tls-server-name", default=env_default("upstream_tls_server_name", None),
+                    help="name to expect in the upstreams' certificates instead of the --draft/--verifier host "
+                         "(SPECD_UPSTREAM_TLS_SERVER_NAME)")
+    up.add_argument("--upstream-insecure", action="store_true", default=env_default("upstream_insecure", False),
+                    help="plaintext calls to the draft and verifier (SPECD_UPSTREAM_INSECURE=1); --insecure "
+                         "implies it when no --upstream-tls-* flag is given")
+    auth = p.add_argument_group("API keys (none configured = no authentication)")
+    auth.add_argument("--api-keys-file", default=env_default("api_keys_file", None),
+                      help="file with one API key per line, '#' comments (SPECD_API_KEYS_FILE); keys are also read "
+                           "from SPECD_API_KEYS (comma separated). Clients send 'authorization: Bearer <key>'")
+    auth.add_argument("--rate-limit-rps", type=float, default=env_default("rate_limit_rps", 10.0),
+                      help="requests per second per API key, sustained (SPECD_RATE_LIMIT_RPS; 0 = no limit)")
+    auth.add_argument("--rate-limit-burst", type=int, default=env_default("rate_limit_burst", 20),
+                      help="requests a key may send at once (SPECD_RATE_LIMIT_BURST)")
+
+
+def upstream_tls_config(args):
+    """TLS of the gateway's channels to the draft service and the verifier. Plaintext only when asked for:
+    --upstream-insecure, or --insecure with no --upstream-tls-* flag (local development: one flag for both hops)."""
+    from common.errors import ConfigError
+    from common.rpc.tls import TLSConfig
+    given = any((args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key))
+    if args.upstream_insecure or (args.insecure and not given):
+        if given:
+            raise ConfigError("gateway: --upstream-insecure contradicts the --upstream-tls-* flags; pass one or "
+                              "the other")
+        return TLSConfig(insecure=True)
+    if not given:
+        raise ConfigError("gateway: calls to the draft service and the verifier need TLS settings: "
+                          "--upstream-tls-ca (and --upstream-tls-cert/--upstream-tls-key for mTLS), or "
+                          "--upstream-insecure (or --insecure) for plaintext local development")
+    return TLSConfig(cert=args.upstream_tls_cert, key=args.upstream_tls_key, ca=args.upstream_tls_ca,
+                     server_name=args.upstream_tls_server_name)
 
 
 def _service_config(service: str) -> str:
@@ -40,15 +81,42 @@ def _service_config(service: str) -> str:
         "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 
 
-def channel(target: str, service: str, options, interceptors=None) -> grpc.aio.Channel:
+def channel(target: str, service: str, options, interceptors=None, tls=None) -> grpc.aio.Channel:
+    """A channel to an upstream service; `tls` (a TLSConfig) None = plaintext."""
+    from common.rpc.tls import PLAINTEXT, aio_channel
     # Short reconnect backoff: a restarted replica is used again within seconds, not after gRPC's default
     # exponential backoff (up to 120 s).
-    return grpc.aio.insecure_channel(target, options=[*options, ("grpc.service_config", _service_config(service)),
-                                                      ("grpc.enable_retries", 1),
-                                                      ("grpc.initial_reconnect_backoff_ms", 200),
-                                                      ("grpc.min_reconnect_backoff_ms", 200),
-                                                      ("grpc.max_reconnect_backoff_ms", 2000)],
-                                     interceptors=interceptors or None)
+    return aio_channel(target, tls or PLAINTEXT, options=[*options, ("grpc.service_config", _service_config(service)),
+                                                          ("grpc.enable_retries", 1),
+                                                          ("grpc.initial_reconnect_backoff_ms", 200),
+                                                          ("grpc.min_reconnect_backoff_ms", 200),
+                                                          ("grpc.max_reconnect_backoff_ms", 2000)],
+                       interceptors=interceptors or None)
+
+
+def check_args(args) -> None:
+    """Everything about the flags that can be checked without loading anything (`specd gateway` runs it first)."""
+    from gateway.auth import RateLimit, load_api_keys
+    upstream_tls_config(args)
+    load_api_keys(args.api_keys_file)
+    RateLimit(args.rate_limit_rps, args.rate_limit_burst)
+
+
+def api_key_interceptors(args, tls) -> list:
+    """[ApiKeyInterceptor] when keys are configured (file and/or SPECD_API_KEYS), else [] (no authentication)."""
+    from gateway.auth import ApiKeyAuth, ApiKeyInterceptor, RateLimit, load_api_keys
+    keys = load_api_keys(args.api_keys_file)
+    limit = RateLimit(args.rate_limit_rps, args.rate_limit_burst)
+    if not keys:
+        if tls is None or tls.insecure:
+            log.warning("gateway: no API keys and PLAINTEXT: anyone who can reach the port can generate "
+                        "(set --api-keys-file or SPECD_API_KEYS)")
+        else:
+            log.info("gateway: no API keys configured: requests are not authenticated")
+        return []
+    auth = ApiKeyAuth(keys, limit)
+    log.info("gateway: %d API key(s) (ids %s), rate limit %s", len(keys), ", ".join(auth.key_ids), limit.describe())
+    return [ApiKeyInterceptor(auth)]
 
 
 async def wait_for_info(stub, what: str, timeout_s: float):
@@ -80,15 +148,21 @@ async def serve(args) -> None:
 
     k = parse_num_speculative_tokens(args.k, args.k_max)
     settings = RoundSettings(draft_timeout_s=args.draft_timeout_s, verify_timeout_s=args.verify_timeout_s)
+    cfg = server_config(args)
+    upstream_tls = upstream_tls_config(args)
+    if upstream_tls.insecure:
+        log.warning("gateway: PLAINTEXT calls to the draft service and the verifier (--insecure/--upstream-insecure)")
+    auth = api_key_interceptors(args, cfg.tls)
     tokenizer = load_tokenizer(args.tokenizer or str(model_path(TARGET_MODEL)))
     fingerprint = vocab_fingerprint(tokenizer)
-    cfg = server_config(args)
     tracing = setup_tracing(GATEWAY)
     traced = [TracingAioClientInterceptor(tracing)] if tracing is not None else None
-    host = ServiceHost(cfg, ["specd.v1.Gateway"], interceptors=server_interceptors(tracing))
+    # Authentication first: a refused call ends before the tracing interceptor opens a span or the request is
+    # even parsed.
+    host = ServiceHost(cfg, ["specd.v1.Gateway"], interceptors=[*auth, *server_interceptors(tracing)])
     metrics.start_metrics_server(args.metrics_port, args.host)
     verifier = verifier_pb2_grpc.VerifierServiceStub(channel(args.verifier, "specd.v1.VerifierService",
-                                                             cfg.channel_options(), traced))
+                                                             cfg.channel_options(), traced, upstream_tls))
     v_info = await wait_for_info(verifier, f"verifier at {args.verifier}", args.startup_timeout_s)
     if v_info.vocab_fingerprint != fingerprint:
         raise TokenizerMismatchError(f"verifier tokenizer fingerprint {v_info.vocab_fingerprint} differs from the "
@@ -96,7 +170,7 @@ async def serve(args) -> None:
     draft = None
     if args.draft:
         draft = draft_pb2_grpc.DraftServiceStub(channel(args.draft, "specd.v1.DraftService", cfg.channel_options(),
-                                                        traced))
+                                                        traced, upstream_tls))
         try:
             d_info = await wait_for_info(draft, f"draft at {args.draft}", min(args.startup_timeout_s, 60))
         except RuntimeError as e:

@@ -99,7 +99,7 @@ class RoundRunner:
                     draft_down = self.draft is not None and not self.draft_state.available()
                     k = choose_k(r, self.max_model_len, self.draft is not None and not draft_down)
                     proposal = await self._propose(r, request_id, k, sampling, timing) if k else DraftProposal([])
-                    reply, session = await self._verify(r, session, proposal, sampling, timing)
+                    reply, session = await self._verify(r, request_id, session, proposal, sampling, timing)
                     emitted = list(reply.accepted_token_ids) + [reply.next_token_id]
                     accepted = len(reply.accepted_token_ids)
                     r.stats.record(proposal.k, accepted)
@@ -139,7 +139,8 @@ class RoundRunner:
             self.costs.observe_draft(k, dt)
         return proposal_from_pb(reply.token_ids, reply.dists)
 
-    async def _verify(self, r: Request, session: str, proposal: DraftProposal, sampling, timing: RoundTiming):
+    async def _verify(self, r: Request, request_id: str, session: str, proposal: DraftProposal, sampling,
+                      timing: RoundTiming):
         for attempt in range(2):
             req = verifier_pb2.VerifyRequest(
                 session_id=session, round=r.stats.rounds, committed_len=len(r.context), new_tokens=r.pending,
@@ -151,7 +152,7 @@ class RoundRunner:
                 if e.code() in _RESYNC_CODES and attempt == 0:
                     log.warning("verifier lost session %s (%s): re-prefilling %d tokens", session, e.details(),
                                 len(r.context))
-                    session = f"{session.rsplit('-', 1)[0]}-{r.stats.rounds}-resync"
+                    session = f"{request_id}-{r.stats.rounds}-resync"    # as long after many resyncs as after one
                     r.pending = list(r.context)
                     continue
                 raise

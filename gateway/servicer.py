@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -20,6 +21,9 @@ from gateway.rounds import RoundRunner
 from gateway.text import IncrementalText
 
 K_AUTO = -1
+# Text longer than this many characters per token of the context limit cannot fit it: refused before the tokenizer
+# spends time on it (a 16 MiB prompt would otherwise be tokenized only to be refused for its token count).
+PROMPT_CHARS_PER_TOKEN = 32
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -38,6 +42,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if which == "prompt":
             if not req.prompt.strip():
                 raise ValueError("prompt: empty or whitespace only")
+            max_chars = PROMPT_CHARS_PER_TOKEN * self.rounds.max_model_len
+            if len(req.prompt) > max_chars:
+                raise ValueError(f"prompt: {len(req.prompt)} characters, must be <= {max_chars} "
+                                 f"({PROMPT_CHARS_PER_TOKEN} per token of the {self.rounds.max_model_len}-token "
+                                 "context limit)")
             ids = encode_prompt(self.tokenizer, req.prompt, req.use_chat_template)
         else:
             ids = list(req.prompt_token_ids.ids)
@@ -80,11 +89,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         started = time.perf_counter()
+        self._track(context)
         try:
             r = self._build(request)
             text = IncrementalText(self.tokenizer, r.params.stop)
-            async for _ in self.rounds.run(r, uuid.uuid4().hex):
-                pass
+            async with contextlib.aclosing(self.rounds.run(r, uuid.uuid4().hex)) as rounds:
+                async for _ in rounds:
+                    pass
         except Exception as e:  # noqa: BLE001
             await self._fail(context, e)
         except asyncio.CancelledError:
@@ -97,21 +108,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
+        self._track(context)
         try:
             r = self._build(request)
             text = IncrementalText(self.tokenizer, r.params.stop)
-            async for appended in self.rounds.run(r, uuid.uuid4().hex):
-                chunk = gateway_pb2.GenerateChunk(text=text.delta(r.output_ids, r.finished), token_ids=appended)
-                if r.finished:
-                    chunk.finish_reason = r.finish_reason
-                    chunk.stats.CopyFrom(self._stats(r, started))
-                    self._finished(r)
-                yield chunk
+            # Closed here, not whenever the generator is collected: a client that goes away while a chunk is
+            # being sent still has its verifier session released at once.
+            async with contextlib.aclosing(self.rounds.run(r, uuid.uuid4().hex)) as rounds:
+                async for appended in rounds:
+                    chunk = gateway_pb2.GenerateChunk(text=text.delta(r.output_ids, r.finished),
+                                                      token_ids=appended)
+                    if r.finished:
+                        chunk.finish_reason = r.finish_reason
+                        chunk.stats.CopyFrom(self._stats(r, started))
+                        self._finished(r)
+                    yield chunk
         except Exception as e:  # noqa: BLE001
             await self._fail(context, e)
         except (asyncio.CancelledError, GeneratorExit):
             metrics.REQUESTS.labels("CANCELLED").inc()      # the client went away mid-stream
             raise
+
+    @staticmethod
+    def _track(context) -> None:
+        """Count the request as open until its RPC ends on the wire (finished, failed or cancelled)."""
+        metrics.REQUESTS_IN_FLIGHT.inc()
+        context.add_done_callback(lambda _: metrics.REQUESTS_IN_FLIGHT.dec())
 
     @staticmethod
     def _finished(r: Request) -> None:
@@ -129,7 +151,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             code = e.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 metrics.REQUESTS.labels("UNAVAILABLE").inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable: {e.details()}")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"verifier unavailable ({code.name}: "
+                                    f"{e.details()}): the request was stopped; retry it")
             metrics.REQUESTS.labels(code.name).inc()
             await context.abort(code, e.details() or code.name)
         metrics.REQUESTS.labels(status_for(e).name).inc()

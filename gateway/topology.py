@@ -1,5 +1,9 @@
 """The whole topology as local processes (redis, verifier TP=N, draft, gateway): `specd up-local` (foreground, or
-detached with a state file that `specd down-local` reads) and the e2e tests."""
+detached with a state file that `specd down-local` reads) and the e2e tests.
+
+Plaintext (`--insecure`, said explicitly on every command line) unless `tls=` is given: then every service serves
+TLS with that certificate, the draft and verifier require client certificates from the same CA (mTLS), and the
+gateway presents the same certificate to them (it must allow both server and client authentication)."""
 from __future__ import annotations
 
 import json
@@ -12,27 +16,43 @@ import time
 from pathlib import Path
 
 from common.rpc.health_check import check
+from common.rpc.tls import PLAINTEXT, TLSConfig
 
 STATE_FILE = "state.json"
 # Stop order: the gateway drains its in-flight requests first (they still need the model services), Redis last.
 STOP_ORDER = ("gateway", "draft", "verifier", "redis")
 STOP_PHASES = (("gateway",), ("draft", "verifier"), ("redis",))
+# Settings the topology passes as flags: inherited values would contradict them (e.g. SPECD_TLS_CERT with --insecure).
+_OWNED_ENV = ("SPECD_INSECURE", "SPECD_TLS_CERT", "SPECD_TLS_KEY", "SPECD_TLS_CA", "SPECD_UPSTREAM_INSECURE",
+              "SPECD_UPSTREAM_TLS_CA", "SPECD_UPSTREAM_TLS_CERT", "SPECD_UPSTREAM_TLS_KEY",
+              "SPECD_UPSTREAM_TLS_SERVER_NAME")
 
 
 class LocalTopology:
     def __init__(self, target: str, draft: str | None, tp: int = 2, dtype: str = "bfloat16",
-                 ports=(50051, 50052, 50053), k: str = "auto", log_dir: Path | None = None, extra_env=None):
+                 ports=(50051, 50052, 50053), k: str = "auto", log_dir: Path | None = None, extra_env=None,
+                 tls: TLSConfig | None = None, api_keys: list[str] | None = None, log_level: str | None = None):
+        """`tls`: cert/key served by all three (SAN 127.0.0.1) and presented by the gateway upstream, `ca` that
+        signed it; None = plaintext. `api_keys`: required by the gateway (passed in its environment, never on a
+        command line)."""
         self.target, self.draft, self.tp, self.dtype, self.k = target, draft, tp, dtype, k
         self.gateway_port, self.draft_port, self.verifier_port = ports
         self.log_dir = log_dir
-        self.env = {**os.environ, **(extra_env or {})}
+        if tls is not None and (tls.insecure or not (tls.cert and tls.ca)):
+            raise ValueError("LocalTopology(tls=...): needs cert, key and ca (or tls=None for plaintext)")
+        self.tls = tls
+        self.log_level = log_level                          # the services' --log-level (default: WARNING)
+        self.env = {k: v for k, v in {**os.environ, **(extra_env or {})}.items() if k not in _OWNED_ENV}
+        if api_keys:
+            self.env["SPECD_API_KEYS"] = ",".join(api_keys)
         self.procs: dict[str, subprocess.Popen] = {}
         self.service_env: dict[str, dict[str, str]] = {}   # per process, on top of self.env
         self.redis_port: int | None = None
         self.on_spawn = None                                # called after each process starts (the state file)
 
     def _spawn(self, name: str, args: list[str]) -> None:
-        self._spawn_argv(name, [sys.executable, "-m", "common.cli", *args])
+        level = ["--log-level", self.log_level] if self.log_level else []
+        self._spawn_argv(name, [sys.executable, "-m", "common.cli", *level, *args])
 
     def _spawn_argv(self, name: str, argv: list[str]) -> None:
         # Each process leads its own process group (the verifier's TP ranks join it), so stopping a service is one
@@ -68,12 +88,27 @@ class LocalTopology:
         self.env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
         return True
 
+    @property
+    def client_tls(self) -> TLSConfig:
+        """How to reach any of the three services (probes, tests): the topology's CA and certificate."""
+        return self.tls or PLAINTEXT
+
+    def _tls_flags(self, mutual: bool) -> list[str]:
+        """Server flags: --insecure said explicitly, or the certificate (and the CA whose clients it accepts)."""
+        if self.tls is None:
+            return ["--insecure"]
+        return ["--tls-cert", self.tls.cert, "--tls-key", self.tls.key, *(["--tls-ca", self.tls.ca] if mutual else [])]
+
+    def _upstream_flags(self) -> list[str]:
+        if self.tls is None:
+            return []                                       # --insecure covers both hops
+        return ["--upstream-tls-ca", self.tls.ca, "--upstream-tls-cert", self.tls.cert,
+                "--upstream-tls-key", self.tls.key]
+
     def start(self, timeout_s: float = 600.0) -> None:
-        self._spawn("verifier", ["verifier", "--model", self.target, "--tp", str(self.tp), "--dtype", self.dtype,
-                                 "--port", str(self.verifier_port)])
+        self.start_verifier()
         if self.draft:
-            self._spawn("draft", ["draft", "--model", self.draft, "--dtype", self.dtype,
-                                  "--port", str(self.draft_port)])
+            self.start_draft()
         self.wait_serving(f"127.0.0.1:{self.verifier_port}", "verifier", timeout_s)
         if self.draft:
             self.wait_serving(f"127.0.0.1:{self.draft_port}", "draft", timeout_s)
@@ -81,12 +116,21 @@ class LocalTopology:
         self.wait_serving(f"127.0.0.1:{self.gateway_port}", "gateway", timeout_s)
 
     def start_gateway(self) -> None:
+        # The gateway's clients authenticate with API keys, not certificates: its own port is TLS, not mTLS.
         self._spawn("gateway", ["gateway", "--tokenizer", self.target, "--k", self.k,
                                 "--port", str(self.gateway_port), "--verifier", f"127.0.0.1:{self.verifier_port}",
-                                "--draft", f"127.0.0.1:{self.draft_port}" if self.draft else ""])
+                                "--draft", f"127.0.0.1:{self.draft_port}" if self.draft else "",
+                                *self._tls_flags(mutual=False), *self._upstream_flags()])
+
+    def start_verifier(self, name: str = "verifier") -> None:
+        """Start a verifier on the verifier port. Under another `name` (with its own `service_env`, e.g. another
+        metrics port) it joins the one running there (SO_REUSEPORT): a replacement that takes over when it dies."""
+        self._spawn(name, ["verifier", "--model", self.target, "--tp", str(self.tp), "--dtype", self.dtype,
+                           "--port", str(self.verifier_port), *self._tls_flags(mutual=True)])
 
     def start_draft(self) -> None:
-        self._spawn("draft", ["draft", "--model", self.draft, "--dtype", self.dtype, "--port", str(self.draft_port)])
+        self._spawn("draft", ["draft", "--model", self.draft, "--dtype", self.dtype, "--port", str(self.draft_port),
+                              *self._tls_flags(mutual=True)])
 
     def wait_serving(self, target: str, name: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -94,7 +138,7 @@ class LocalTopology:
             proc = self.procs[name]
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} before serving")
-            ok, _ = check(target, timeout_s=1.0)
+            ok, _ = check(target, timeout_s=1.0, tls=self.client_tls)
             if ok:
                 return
             time.sleep(0.3)
@@ -129,7 +173,7 @@ class LocalTopology:
         return path
 
     def stop(self) -> None:
-        for name in STOP_ORDER:
+        for name in (*STOP_ORDER, *(n for n in self.procs if n not in STOP_ORDER)):   # replacements too
             proc = self.procs.get(name)
             if proc and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

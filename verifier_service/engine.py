@@ -126,6 +126,10 @@ class VerifierEngine:
     def _run_batch(self, batch: list[tuple[VerifyCall, Future]]) -> None:
         runnable: list[tuple[VerifyCall, Future, Session]] = []
         for call, fut in batch:
+            # A caller that went away (cancelled, past its deadline) cancelled its future: skip its work, and
+            # never set a result on a cancelled future (InvalidStateError would end this thread).
+            if not fut.set_running_or_notify_cancel():
+                continue
             try:
                 session, replay = self._admit(call)
             except SpecdError as e:
@@ -140,6 +144,17 @@ class VerifierEngine:
                 runnable.append((call, fut, session))
         if not runnable:
             return
+        try:
+            self._verify_batch(runnable)
+        except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one batch
+            # The KV may hold unverified drafts: drop the batch's sessions (a gateway re-prefills on NOT_FOUND).
+            log.exception("verify batch of %d failed: its sessions are dropped", len(runnable))
+            for call, fut, session in runnable:
+                self._release(session.session_id)
+                if not fut.done():
+                    fut.set_exception(e)
+
+    def _verify_batch(self, runnable: list[tuple[VerifyCall, Future, Session]]) -> None:
         t = time.perf_counter()
         chunks = [SequenceChunk(s.seq_id, c.new_tokens + c.proposal.token_ids, num_logits=c.proposal.k + 1)
                   for c, _, s in runnable]
@@ -148,7 +163,7 @@ class VerifierEngine:
                 logits = self.executor.forward(chunks)
         except (SpecdError, ValueError) as e:
             for call, fut, session in runnable:
-                if session.next_round == 0:
+                if session.last_result is None:                 # created by this call (round 0 or a resync)
                     self._drop_new_session(session)
                 fut.set_exception(e)
             return

@@ -49,6 +49,7 @@ async def serve(args) -> None:
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
                             session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions)
     metrics.watch_engine(metrics.VERIFIER_QUEUE_DEPTH, lambda: engine.queue_depth, executor.allocator)
+    metrics.VERIFIER_SESSIONS.set_function(lambda: len(engine.sessions))
     info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(engine, info), host.server)
     log.info("verifier loaded %s (tp=%d) in %.1fs", args.model, args.tp, time.perf_counter() - t0)

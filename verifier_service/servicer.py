@@ -55,6 +55,13 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
     async def Prefill(self, request, context):
         try:
             tokens = list(request.token_ids)
+            if not tokens:
+                raise ValueError("token_ids: empty (a prefill needs the prompt)")
+            if len(tokens) > self.engine.max_model_len:
+                raise ValueError(f"token_ids: {len(tokens)} tokens, must be <= max_model_len="
+                                 f"{self.engine.max_model_len}")
+            if any(not 0 <= t < self.engine.vocab_size for t in tokens):
+                raise ValueError(f"token_ids: token id outside the vocabulary [0, {self.engine.vocab_size})")
             call = VerifyCall(request.session_id, 0, len(tokens), tokens, DraftProposal([]),
                               sampling_from_pb(request.sampling if request.HasField("sampling") else None))
         except ValueError as e:

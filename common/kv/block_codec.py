@@ -7,6 +7,7 @@ and its length is right.
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,9 @@ def encode_block(geometry: BlockGeometry, token_ids: list[int], kv: torch.Tensor
 
 
 def decode_block(geometry: BlockGeometry, token_ids: list[int], value: bytes) -> torch.Tensor | None:
-    """The block's K/V [2, num_layers, block_size, kv_heads, head_dim], or None if `value` is not that block."""
+    """The block's K/V [2, num_layers, block_size, kv_heads, head_dim], or None if `value` is not that block.
+
+    The tensor is a read-only view of `value` (no copy): copy it before writing."""
     if len(value) != geometry.value_bytes or value[:_HEADER.size] != geometry.header():
         return None
     start = _HEADER.size
@@ -63,4 +66,7 @@ def decode_block(geometry: BlockGeometry, token_ids: list[int], value: bytes) ->
     if list(stored) != list(token_ids):
         return None
     start += 4 * geometry.block_size
-    return torch.frombuffer(bytearray(value[start:]), dtype=torch.uint8).view(geometry.dtype).view(geometry.shape)
+    with warnings.catch_warnings():            # read-only view of `value`: the caller copies it into the KV
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(value, dtype=torch.uint8, offset=start)
+    return raw.view(geometry.dtype).view(geometry.shape)

@@ -18,12 +18,54 @@ def env_default(name: str, default):
 def add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default=env_default("host", "127.0.0.1"), help="bind address (SPECD_HOST)")
     p.add_argument("--port", type=int, default=env_default("port", port), help=f"gRPC port (SPECD_PORT, {port})")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=env_default("max_concurrent_rpcs", 256))
+    p.add_argument("--max-concurrent-rpcs", type=int, default=env_default("max_concurrent_rpcs", 256),
+                   help="RPCs in progress at once; beyond it calls get RESOURCE_EXHAUSTED (SPECD_MAX_CONCURRENT_RPCS)")
+    p.add_argument("--max-message-mib", type=int, default=env_default("max_message_mib", 16),
+                   help="largest gRPC message received or sent, MiB (SPECD_MAX_MESSAGE_MIB); larger requests get "
+                        "RESOURCE_EXHAUSTED")
     p.add_argument("--grace-s", type=float, default=env_default("grace_s", 30.0),
                    help="SIGTERM drain grace period in seconds")
     p.add_argument("--metrics-port", type=int, default=env_default("metrics_port", 0),
                    help="Prometheus /metrics port (SPECD_METRICS_PORT; 0 = off; by convention gateway 9101, "
                         "draft 9102, verifier 9103)")
+    p.add_argument("--health-port", type=int, default=env_default("health_port", 0),
+                   help="a second, PLAINTEXT port serving only the gRPC health service, for probes that cannot "
+                        "speak TLS (Kubernetes grpc probes) (SPECD_HEALTH_PORT; 0 = off)")
+    add_server_tls_flags(p)
+
+
+def add_server_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS (a service refuses to start with neither certificates nor --insecure)")
+    g.add_argument("--tls-cert", default=env_default("tls_cert", None),
+                   help="PEM certificate chain this server presents (SPECD_TLS_CERT)")
+    g.add_argument("--tls-key", default=env_default("tls_key", None), help="its PEM private key (SPECD_TLS_KEY)")
+    g.add_argument("--tls-ca", default=env_default("tls_ca", None),
+                   help="PEM CA bundle: when given, clients MUST present a certificate signed by it (mTLS) "
+                        "(SPECD_TLS_CA)")
+    g.add_argument("--insecure", action="store_true", default=env_default("insecure", False),
+                   help="serve plaintext gRPC, for local development only; logs a warning (SPECD_INSECURE=1)")
+
+
+def add_client_tls_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of a command that calls a service (`specd health`, `specd generate --gateway`): TLS unless --insecure."""
+    g = p.add_argument_group("TLS (TLS with the system's roots unless told otherwise; plaintext only with --insecure)")
+    g.add_argument("--tls-ca", default=env_default("tls_ca", None),
+                   help="PEM CA bundle the server's certificate must chain to (SPECD_TLS_CA; default: system roots)")
+    g.add_argument("--tls-cert", default=env_default("tls_cert", None),
+                   help="client certificate, for servers that require one (mTLS) (SPECD_TLS_CERT)")
+    g.add_argument("--tls-key", default=env_default("tls_key", None), help="its private key (SPECD_TLS_KEY)")
+    g.add_argument("--tls-server-name", default=env_default("tls_server_name", None),
+                   help="name to expect in the server's certificate, when it is not the target's host "
+                        "(SPECD_TLS_SERVER_NAME)")
+    g.add_argument("--insecure", action="store_true", default=env_default("insecure", False),
+                   help="plaintext gRPC (SPECD_INSECURE=1)")
+
+
+def tls_config(args):
+    """The TLSConfig the --tls-* / --insecure flags ask for (server or client side)."""
+    from common.rpc.tls import TLSConfig
+    return TLSConfig(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca, insecure=args.insecure,
+                     server_name=getattr(args, "tls_server_name", None))
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -45,9 +87,14 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def server_config(args):
+    """The ServerConfig the server flags ask for; raises ConfigError at once (before any model is loaded) when
+    neither certificates nor --insecure are given, or a certificate file cannot be read."""
     from common.rpc.server import ServerConfig
+    tls = tls_config(args)
+    tls.check_server("refusing to start")
     return ServerConfig(host=args.host, port=args.port, max_concurrent_rpcs=args.max_concurrent_rpcs,
-                        grace_s=args.grace_s)
+                        max_message_bytes=args.max_message_mib << 20, grace_s=args.grace_s,
+                        health_port=args.health_port, tls=tls)
 
 
 def prefix_cache_config(args):

@@ -12,6 +12,8 @@ import torch
 
 MAX_TOKENS_LIMIT = 32768
 MAX_STOP_STRINGS = 16
+# Below this, logits / temperature overflows float32 and the distribution turns into NaN (1e-38 did).
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(slots=True)
@@ -29,8 +31,9 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and 0 <= self.temperature <= 100):
-            raise ValueError(f"temperature={self.temperature}: must be a finite number in [0, 100]")
+                and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100)):
+            raise ValueError(f"temperature={self.temperature}: must be 0 (greedy) or a finite number in "
+                             f"[{MIN_TEMPERATURE}, 100]")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):

@@ -19,6 +19,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # ---- gateway: requests and speculation ---------------------------------------------------------------------
 REQUESTS = Counter("specd_requests", "Generate/GenerateStream requests finished, by gRPC status", ["status"])
+AUTH_REFUSED = Counter("specd_auth_refused", "Gateway calls refused before running; reason: unauthenticated "
+                       "(missing or invalid API key) | rate_limited (the key's bucket was empty)", ["reason"])
 TOKENS_GENERATED = Counter("specd_tokens_generated", "Output tokens returned to clients")
 DRAFTED_TOKENS = Counter("specd_drafted_tokens", "Draft tokens sent to the verifier")
 ACCEPTED_TOKENS = Counter("specd_accepted_tokens", "Draft tokens the verifier accepted")
@@ -39,6 +41,7 @@ VERIFY_LATENCY = Histogram("specd_verify_latency_seconds", "Verify round trip se
                            buckets=_LATENCY_BUCKETS)
 ROUND_LATENCY = Histogram("specd_round_latency_seconds", "One draft→verify round seen by the gateway",
                           buckets=_LATENCY_BUCKETS)
+REQUESTS_IN_FLIGHT = Gauge("specd_requests_in_flight", "Generate/GenerateStream requests the gateway is serving now")
 
 # ---- verifier and draft service: batching, queues, KV -------------------------------------------------------
 VERIFIER_BATCH_SIZE = Histogram("specd_verifier_batch_size", "Verify calls sharing one target forward pass",
@@ -48,6 +51,7 @@ VERIFIER_QUEUE_DEPTH = Gauge("specd_verifier_queue_depth", "Verify calls waiting
 DRAFT_QUEUE_DEPTH = Gauge("specd_draft_queue_depth", "Propose calls waiting for the drafter thread")
 KV_BLOCKS_USED = Gauge("specd_kv_blocks_used", "Paged KV blocks held by sequences (this service's model)")
 KV_BLOCKS_FREE = Gauge("specd_kv_blocks_free", "Paged KV blocks free (this service's model)")
+VERIFIER_SESSIONS = Gauge("specd_verifier_sessions", "Verifier sessions open (each holds its request's KV blocks)")
 
 # ---- prefix cache (verifier and draft) ------------------------------------------------------------------------
 PREFIX_CACHE_LOOKUPS = Counter("specd_prefix_cache_lookups", "Prefix block lookups; tier: local|redis, "

@@ -130,10 +130,13 @@ def pod_specs(objects: list[dict]) -> dict[str, dict]:
 
 
 def container_env(container: dict, objects: list[dict]) -> dict[str, str]:
+    """The container's environment; a value from a Secret (not in the repository) reads `<secret NAME/KEY>`."""
     env = {}
     for source in container.get("envFrom", []):
         env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
-    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        env[e["name"]] = f"<secret {ref['name']}/{ref['key']}>" if ref else e["value"]
     return env
 
 

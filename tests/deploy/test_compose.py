@@ -8,11 +8,12 @@ import pytest
 import yaml
 
 from tests.deploy.manifests import (DEPLOY, GRPC_PORTS, SPECD_COMMANDS, compose_env, compose_variables,
-                                    dockerfile_env, dockerfile_stages, env_file, host_port, image_tag, load_compose,
-                                    parse_specd)
+                                    dockerfile_env, dockerfile_stages, env_file, host_port, image_tag, interpolate,
+                                    load_compose, parse_specd)
 
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
@@ -89,9 +90,59 @@ def test_every_grpc_service_is_health_checked_by_specd_health(specd_services):
             continue
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD" and test[1] == "specd"
-        health = parse_specd(test[2:], {})
+        health = parse_specd(test[2:], _container_env(svc))
         assert health.command == "health" and host_port(health.target) == ("127.0.0.1", args.port)
+        assert health.insecure == args.insecure, f"{name}: the probe and the server disagree about TLS"
         assert svc["healthcheck"]["start_period"]
+
+
+def test_plaintext_is_asked_for_explicitly_and_api_keys_come_from_the_env_file(specd_services):
+    for name, (svc, args) in specd_services.items():
+        if args.command != "models":
+            assert args.insecure, f"{name}: the development setup is plaintext, and says so"
+    gateway_env = compose_env(specd_services["gateway"][0])
+    assert gateway_env["SPECD_API_KEYS"] == env_file()["SPECD_API_KEYS"] == ""
+
+
+def test_the_tls_override_validates_and_turns_tls_on_for_every_hop(tmp_path):
+    from common.rpc.flags import tls_config
+    from gateway.main import upstream_tls_config
+    assert _validate(COMPOSE_TLS).returncode == 0
+    merged = _merge(load_compose(), interpolate(yaml.safe_load(COMPOSE_TLS.read_text()), env_file()))
+    path = tmp_path / "merged.yml"
+    path.write_text(yaml.safe_dump(merged))
+    assert _validate(path).returncode == 0
+    image_env = dockerfile_env(dockerfile_stages()[1][-1])
+    for name in SPECD_COMMANDS:
+        svc = merged["services"][name]
+        env = {**image_env, **compose_env(svc)}
+        args = parse_specd(svc["command"], env)
+        tls = tls_config(args)
+        assert tls.describe() == ("TLS" if name == "gateway" else "mTLS (client certificates required)"), name
+        mounts = {v.split(":")[1]: v for v in svc["volumes"]}
+        assert mounts["/etc/specd/tls"].endswith(":ro")
+        assert all(p.startswith("/etc/specd/tls/") for p in (tls.cert, tls.key, tls.ca) if p)
+        probe = parse_specd(svc["healthcheck"]["test"][2:], env)
+        assert not probe.insecure and probe.tls_ca, f"{name}: the health check must trust the CA"
+        if name == "gateway":
+            assert not upstream_tls_config(args).insecure and upstream_tls_config(args).cert
+
+
+def _container_env(svc: dict) -> dict[str, str]:
+    return {**dockerfile_env(dockerfile_stages()[1][-1]), **compose_env(svc)}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Compose's merge of an override file for what it uses: mappings merge, volumes append, the rest replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if key == "volumes" and isinstance(value, list):
+            out[key] = [*base.get(key, []), *value]
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            out[key] = _merge(base[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def test_startup_order_waits_for_health(compose):

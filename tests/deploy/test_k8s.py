@@ -85,9 +85,41 @@ def test_services_run_the_cli_with_flags_it_accepts(services):
 
 
 def test_every_grpc_service_has_grpc_startup_readiness_and_liveness_probes(services):
+    # kubelet's grpc probe speaks no TLS: it asks the plaintext health-only port (--health-port).
     for name, (_, container, args) in services.items():
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert args.health_port == ports["health"] and args.health_port not in (0, args.port), name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == args.port, f"{name}: {probe}"
+            assert container[probe]["grpc"]["port"] == args.health_port, f"{name}: {probe}"
+
+
+def test_no_service_runs_plaintext_and_the_model_services_require_client_certificates(services, objects):
+    """TLS on every hop: each service serves the specd-tls certificate, mounted read-only from the Secret; the
+    draft and the verifier require client certificates from its CA (mTLS), and the gateway presents one."""
+    for workload, container in _all_containers(objects):
+        env = container_env(container, objects)
+        assert env.get("SPECD_INSECURE", "0").lower() not in ("1", "true", "yes", "on"), workload
+        assert env.get("SPECD_UPSTREAM_INSECURE", "0").lower() not in ("1", "true", "yes", "on"), workload
+        assert "--insecure" not in container.get("args", []) and "--upstream-insecure" not in container.get("args", [])
+    from common.rpc.flags import tls_config
+    from gateway.main import upstream_tls_config
+    for name, (spec, container, args) in services.items():
+        assert not args.insecure, f"{name} runs with --insecure"
+        assert tls_config(args).describe() == ("TLS" if name == "gateway" else "mTLS (client certificates required)")
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/specd/tls"]
+        assert mount.get("readOnly") is True, name
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "specd-tls" and volume["secret"]["defaultMode"] & 0o007 == 0
+        paths = [args.tls_cert, args.tls_key] + ([args.tls_ca] if name != "gateway" else [])
+        assert all(p and p.startswith("/etc/specd/tls/") for p in paths), f"{name}: {paths}"
+        if name == "gateway":
+            assert args.tls_ca is None, "the gateway's clients authenticate with API keys, not certificates"
+            assert not args.upstream_insecure and not upstream_tls_config(args).insecure
+            upstream = [args.upstream_tls_ca, args.upstream_tls_cert, args.upstream_tls_key]
+            assert all(p and p.startswith("/etc/specd/tls/") for p in upstream), upstream
+            assert container_env(container, objects)["SPECD_API_KEYS"] == "<secret specd-api-keys/keys>"
+        else:
+            assert args.tls_ca, f"{name} must require client certificates (mTLS)"
 
 
 def test_verifier_startup_probe_allows_a_model_load(services):

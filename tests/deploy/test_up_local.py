@@ -94,7 +94,7 @@ def test_up_detached_serves_and_down_leaves_nothing_behind(models, state_dir):
         reply = client.generate([5, 9, 2, 77], max_tokens=12, ignore_eos=True)
     assert len(reply.token_ids) == 12 and reply.stats.drafted > 0
     for name, port in ports.items():
-        assert main(["health", f"127.0.0.1:{port}"]) == 0, name
+        assert main(["health", "--insecure", f"127.0.0.1:{port}"]) == 0, name
 
     again = _run("up-local", "--detach", "--state-dir", str(state_dir), "--target", models[0], timeout=60)
     assert again.returncode == 1 and "already up" in again.stderr
@@ -106,7 +106,7 @@ def test_up_detached_serves_and_down_leaves_nothing_behind(models, state_dir):
         assert not _alive(rec["pid"]) and not _group(rec["pid"]), f"{name} left processes behind"
     for name, port in state["ports"].items():
         assert not _accepts(port), f"{name} port {port} still open"
-    assert main(["health", f"127.0.0.1:{ports['gateway']}", "--timeout", "0.5"]) == 1
+    assert main(["health", "--insecure", f"127.0.0.1:{ports['gateway']}", "--timeout", "0.5"]) == 1
 
 
 def test_down_kills_what_ignores_sigterm(state_dir):

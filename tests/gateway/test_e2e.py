@@ -150,5 +150,5 @@ def test_draft_killed_mid_request_falls_back_and_speculation_resumes(topo, clien
 def test_health_command_against_the_running_services(topo, capsys):
     from common.cli import main
     for port in (topo.gateway_port, topo.draft_port, topo.verifier_port):
-        assert main(["health", f"127.0.0.1:{port}"]) == 0
+        assert main(["health", "--insecure", f"127.0.0.1:{port}"]) == 0
     assert "SERVING" in capsys.readouterr().out

@@ -40,7 +40,8 @@ class Services:
         log = open(self.log_dir / f"{name}.log", "w")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "common.cli", name, *args, "--port", str(self.ports[name]),
-             "--metrics-port", str(self.metrics_ports[name])], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+             "--metrics-port", str(self.metrics_ports[name]), "--insecure"], env=self.env, stdout=log,
+            stderr=subprocess.STDOUT)
 
     def start_backends(self) -> None:
         model = ["--dtype", "float32", "--kv-cache-gib", "0.05"]

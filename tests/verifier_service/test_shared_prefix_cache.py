@@ -38,7 +38,7 @@ class Replica:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "common.cli", "verifier", "--model", target, "--dtype", "float32",
              "--port", str(self.port), "--kv-cache-gib", "0.05", "--redis-url", redis_url,
-             "--prefix-cache-mib", "0"], stdout=self.log, stderr=subprocess.STDOUT)
+             "--prefix-cache-mib", "0", "--insecure"], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while not check(f"127.0.0.1:{self.port}", timeout_s=1)[0]:
             assert self.proc.poll() is None, (tmp_path / f"{name}.log").read_text()
