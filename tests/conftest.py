@@ -30,3 +30,19 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def exporter():
+    """Spans kept in memory (tests/common/telemetry, tests/gateway/test_auth.py)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    return InMemorySpanExporter()
+
+
+@pytest.fixture()
+def provider(exporter):
+    """An in-memory tracer provider, never installed globally (other tests keep the no-op API)."""
+    from common.telemetry.tracing import build_tracer_provider
+    p = build_tracer_provider("specd-test", exporter=exporter)
+    yield p
+    p.shutdown()

@@ -6,19 +6,18 @@ import logging
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from common.errors import ConfigError
 from common.rpc.generated.specd.v1 import gateway_pb2, gateway_pb2_grpc
 from common.rpc.health_check import check
 from common.telemetry import metrics
 from common.telemetry.server_interceptor import server_interceptors
-from common.telemetry.tracing import build_tracer_provider
 from gateway import auth as auth_module
 from gateway.auth import ApiKeyAuth, ApiKeyInterceptor, RateLimit, key_id, load_api_keys
 from gateway.client import SpecdClient
 from tests.certs import write_pki
 from tests.common.rpc.loopback import BackgroundServer
+from tests.grpc_status import status_of
 
 KEY = "sk-test-0123456789abcdef-alpha"
 OTHER_KEY = "sk-test-0123456789abcdef-bravo"
@@ -48,29 +47,9 @@ def _gateway(keys, limit=RateLimit(), provider=None, credentials=None) -> Backgr
 
 
 @pytest.fixture()
-def exporter():
-    return InMemorySpanExporter()
-
-
-@pytest.fixture()
-def provider(exporter):
-    p = build_tracer_provider("specd-test", exporter=exporter)
-    yield p
-    p.shutdown()
-
-
-@pytest.fixture()
 def gateway(provider):
     with _gateway([KEY, OTHER_KEY], RateLimit(rate_per_s=0.01, burst=3), provider) as server:
         yield server
-
-
-def _code(fn) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
 
 
 def _stub(target):
@@ -82,11 +61,12 @@ def test_missing_or_wrong_key_is_unauthenticated_and_the_right_one_passes(gatewa
     channel, stub = _stub(gateway.target)
     req = gateway_pb2.GenerateRequest(prompt="hi")
     with channel:
-        assert _code(lambda: stub.Generate(req, timeout=5)) is grpc.StatusCode.UNAUTHENTICATED
-        assert _code(lambda: list(stub.GenerateStream(req, timeout=5))) is grpc.StatusCode.UNAUTHENTICATED
+        assert status_of(lambda: stub.Generate(req, timeout=5)) is grpc.StatusCode.UNAUTHENTICATED
+        assert status_of(lambda: list(stub.GenerateStream(req, timeout=5))) is grpc.StatusCode.UNAUTHENTICATED
         for metadata in ((("authorization", f"Bearer {WRONG_KEY}"),), (("authorization", WRONG_KEY),),
                          (("x-api-key", WRONG_KEY),), (("authorization", "Bearer "),)):
-            assert _code(lambda: stub.Generate(req, timeout=5, metadata=metadata)) is grpc.StatusCode.UNAUTHENTICATED
+            call = lambda: stub.Generate(req, timeout=5, metadata=metadata)  # noqa: E731
+            assert status_of(call) is grpc.StatusCode.UNAUTHENTICATED
         assert stub.Generate(req, timeout=5, metadata=(("authorization", f"bearer {KEY}"),)).text == "ok"
         assert len(list(stub.GenerateStream(req, timeout=5, metadata=(("x-api-key", OTHER_KEY),)))) == 2
     with SpecdClient(gateway.target, timeout_s=5, api_key=KEY) as client:          # the Python client sends it
@@ -108,7 +88,7 @@ def test_rate_limit_per_key_is_resource_exhausted(gateway):
     before = metrics.AUTH_REFUSED.labels("rate_limited")._value.get()
     with SpecdClient(gateway.target, timeout_s=5, api_key=KEY) as a, \
             SpecdClient(gateway.target, timeout_s=5, api_key=OTHER_KEY) as b:
-        codes = [_code(lambda: a.generate("hi")) for _ in range(5)]
+        codes = [status_of(lambda: a.generate("hi")) for _ in range(5)]
         assert codes == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2    # burst 3
         with pytest.raises(grpc.RpcError) as e:
             list(a.stream("hi"))
@@ -123,8 +103,8 @@ def test_keys_never_appear_in_logs_or_spans(gateway, exporter, caplog):
     req = gateway_pb2.GenerateRequest(prompt="hi")
     with channel:
         for key in (KEY, WRONG_KEY, KEY, KEY, KEY):                     # ok, wrong, ok, ok, rate limited
-            _code(lambda: stub.Generate(req, timeout=5, metadata=(("authorization", f"Bearer {key}"),)))
-        _code(lambda: list(stub.GenerateStream(req, timeout=5, metadata=(("x-api-key", OTHER_KEY),))))
+            status_of(lambda: stub.Generate(req, timeout=5, metadata=(("authorization", f"Bearer {key}"),)))
+        status_of(lambda: list(stub.GenerateStream(req, timeout=5, metadata=(("x-api-key", OTHER_KEY),))))
     spans = exporter.get_finished_spans()
     # Auth runs first: refused calls open no span; the admitted ones (3 with KEY, 1 stream) do.
     assert len(spans) == 4 and {s.name for s in spans} == {"specd.v1.Gateway/Generate",
@@ -141,7 +121,7 @@ def test_refusals_are_logged_at_most_every_few_seconds(gateway, caplog, monkeypa
     channel, stub = _stub(gateway.target)
     with channel:
         for _ in range(20):
-            _code(lambda: stub.Generate(gateway_pb2.GenerateRequest(prompt="hi"), timeout=5))
+            status_of(lambda: stub.Generate(gateway_pb2.GenerateRequest(prompt="hi"), timeout=5))
     refusals = [r for r in caplog.records if "missing or invalid API key" in r.getMessage()]
     assert len(refusals) == 1 and refusals[0].getMessage().startswith("1 ")
 
@@ -152,9 +132,9 @@ def test_api_keys_over_tls(tmp_path):
         with SpecdClient(server.target, timeout_s=5, tls=pki.client(with_cert=False), api_key=KEY) as client:
             assert client.generate("hi").text == "ok"
         with SpecdClient(server.target, timeout_s=5, tls=pki.client(with_cert=False)) as client:
-            assert _code(lambda: client.generate("hi")) is grpc.StatusCode.UNAUTHENTICATED
+            assert status_of(lambda: client.generate("hi")) is grpc.StatusCode.UNAUTHENTICATED
         with SpecdClient(server.target, timeout_s=5, api_key=KEY) as plaintext:
-            assert _code(lambda: plaintext.generate("hi")) is grpc.StatusCode.UNAVAILABLE
+            assert status_of(lambda: plaintext.generate("hi")) is grpc.StatusCode.UNAVAILABLE
 
 
 # ---- configuration --------------------------------------------------------------------------------------------

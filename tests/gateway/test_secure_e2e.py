@@ -16,6 +16,7 @@ from gateway.client import SpecdClient
 from gateway.topology import LocalTopology
 from tests.certs import write_pki
 from tests.checkpoints import build_model_folder, perturbed_copy
+from tests.grpc_status import status_of
 
 PROMPT = [5, 9, 2, 77, 31]
 MAX_TOKENS = 16
@@ -26,14 +27,6 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure-e2e")
     target = build_model_folder(root / "target", seed=21)
     return str(target), str(perturbed_copy(target, root / "draft", noise=0.05))
-
-
-def _code(fn) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
 
 
 def test_all_tls_topology_generates_the_target_output_and_refuses_strangers(models, tmp_path, capsys):
@@ -54,9 +47,9 @@ def test_all_tls_topology_generates_the_target_output_and_refuses_strangers(mode
             assert list(reply.token_ids) == expected.token_ids
             assert reply.stats.drafted > 0 and reply.stats.fallback_rounds == 0      # the draft answered over mTLS
         with SpecdClient(gateway, timeout_s=30, tls=pki.client(with_cert=False)) as no_key:
-            assert _code(lambda: no_key.generate(PROMPT, max_tokens=2)) is grpc.StatusCode.UNAUTHENTICATED
+            assert status_of(lambda: no_key.generate(PROMPT, max_tokens=2)) is grpc.StatusCode.UNAUTHENTICATED
         with SpecdClient(gateway, timeout_s=30, api_key=key) as plaintext:
-            assert _code(lambda: plaintext.generate(PROMPT, max_tokens=2)) is grpc.StatusCode.UNAVAILABLE
+            assert status_of(lambda: plaintext.generate(PROMPT, max_tokens=2)) is grpc.StatusCode.UNAVAILABLE
 
         # Only a holder of a certificate from the CA (the gateway) reaches the model services.
         refused = grpc.StatusCode.UNAVAILABLE
@@ -64,7 +57,7 @@ def test_all_tls_topology_generates_the_target_output_and_refuses_strangers(mode
                           (pki.rogue_client(), refused), (PLAINTEXT, refused)):
             with sync_channel(verifier, tls) as channel:
                 stub = verifier_pb2_grpc.VerifierServiceStub(channel)
-                assert _code(lambda: stub.Info(common_pb2.InfoRequest(), timeout=10)) is want
+                assert status_of(lambda: stub.Info(common_pb2.InfoRequest(), timeout=10)) is want
 
         flags = ["--tls-ca", pki.ca, "--tls-cert", pki.cert, "--tls-key", pki.key]
         for target in (gateway, draft, verifier):
