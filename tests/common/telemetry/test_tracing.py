@@ -57,7 +57,9 @@ def test_a_dead_collector_neither_blocks_span_ends_nor_shutdown():
         tracer.start_span("s").end()
         worst = max(worst, time.perf_counter() - t)
     total = time.perf_counter() - t0
-    assert total < 3.0 and worst < 0.25, (total, worst)              # ~0.2 s and < 1 ms on an idle machine
+    # ~0.2 s in all and < 1 ms per span on an idle machine; a span end that waited on the exporter would take its
+    # whole 5 s export timeout, so these bounds tell blocking from a busy machine's scheduling hiccups.
+    assert total < 10.0 and worst < 2.0, (total, worst)
     t = time.perf_counter()
     shutdown_tracing(provider, timeout_s=1.0)
     assert time.perf_counter() - t < 2.0
