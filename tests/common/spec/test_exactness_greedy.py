@@ -39,7 +39,7 @@ def target_only(llm, prompt_ids):
 
 
 # The edges of K (1 and k_max), the adaptive controller, and the n-gram proposer. The full 2 x 4 matrix cost
-# ~5 minutes of the CI budget; middle K values are covered on tiny models in tests/common/spec.
+# ~5 minutes of the CI budget; middle K values are covered on tiny models in tests/common/test_llm.py.
 @pytest.mark.parametrize("proposer,k", [("draft", 1), ("draft", 8), ("draft", "auto"), ("ngram", 4)])
 def test_greedy_speculative_equals_target_only(llm, prompt_ids, target_only, proposer, k):
     outs = llm.generate(prompt_ids, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True),
