@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.prompts import PROMPTS
-from bench.report import goal, print_goals, print_table, write_result
+from bench.report import fetched_pair, goal, print_goals, print_table, write_result
 
 USER_TURNS = [
     "How do I reverse a linked list?", "What does this error mean: KeyError?", "Write a binary search.",
@@ -77,7 +77,7 @@ def cache_part(target: str, tokenizer, dtype: str, system_tokens: int) -> tuple[
                                extra_env=env) as topo, \
                     SpecdClient(f"127.0.0.1:{topo.gateway_port}") as client:
                 _ttft(client, [1, 2, 3])                                                    # warm-up
-                ttfts, compute_ms, cached, firsts = [], 0.0, 0, []
+                ttfts, compute_ms, cached = [], 0.0, 0
                 for i, ids in enumerate(requests):
                     ttft, stats = _ttft(client, ids)
                     ttfts.append(ttft)
@@ -153,12 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="cache")
     args = ap.parse_args(argv)
 
-    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, is_fetched, model_path
     from common.tokenizer import load_tokenizer
-    if not (is_fetched(TARGET_MODEL) and is_fetched(DRAFT_MODEL)):
-        print("bench-cache: the model pair is not fetched; run `make models`", file=sys.stderr)
+    pair = fetched_pair("bench-cache")
+    if pair is None:
         return 2
-    target, draft = str(model_path(TARGET_MODEL)), str(model_path(DRAFT_MODEL))
+    target, draft = pair
     tokenizer = load_tokenizer(target)
 
     cache_rows, by = cache_part(target, tokenizer, args.dtype, args.system_tokens)

@@ -17,7 +17,7 @@ from bench.report import Stat, goal, print_goals, print_table, write_result
 
 def _worker(system: str, model_path: str, dtype: str, device: str, conn) -> None:
     import torch
-    from common.tokenizer import encode_prompt, load_tokenizer
+    from common.tokenizer import load_tokenizer
     torch.manual_seed(0)
     tok = load_tokenizer(model_path)
     if system == "hf":

@@ -75,3 +75,12 @@ def print_goals(goals: list[dict]) -> None:
     for g in goals:
         print(f"goal {g['name']}: {g['value']:.3f}{g['unit']} (target {g['target']}{g['unit']}) "
               f"{'MET' if g['met'] else 'NOT MET'}")
+
+
+def fetched_pair(bench: str) -> tuple[str, str] | None:
+    """Folders of the real target and draft, or None (with a message) when `make models` has not run."""
+    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, is_fetched, model_path
+    if not (is_fetched(TARGET_MODEL) and is_fetched(DRAFT_MODEL)):
+        print(f"{bench}: the model pair is not fetched; run `make models`", file=sys.stderr)
+        return None
+    return str(model_path(TARGET_MODEL)), str(model_path(DRAFT_MODEL))

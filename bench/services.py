@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.prompts import PROMPTS
-from bench.report import goal, print_goals, print_table, write_result
+from bench.report import fetched_pair, goal, print_goals, print_table, write_result
 
 
 def _gateway_runs(client, prompts, max_tokens, concurrent: bool):
@@ -61,15 +61,14 @@ def main(argv=None) -> int:
 
     from common.distributed import free_port
     from common.llm import LLM
-    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, is_fetched, model_path
     from common.spec.sampling import SamplingParams
     from common.tokenizer import encode_prompt
     from gateway.client import SpecdClient
     from gateway.topology import LocalTopology
-    if not (is_fetched(TARGET_MODEL) and is_fetched(DRAFT_MODEL)):
-        print("bench-services: the model pair is not fetched; run `make models`", file=sys.stderr)
+    pair = fetched_pair("bench-services")
+    if pair is None:
         return 2
-    target, draft = str(model_path(TARGET_MODEL)), str(model_path(DRAFT_MODEL))
+    target, draft = pair
     n = args.max_tokens
     greedy = SamplingParams(max_tokens=n, ignore_eos=True)
     rows, outputs = [], {}

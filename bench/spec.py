@@ -17,7 +17,7 @@ import time
 import torch
 
 from bench.prompts import PROMPTS
-from bench.report import goal, print_goals, print_table, write_result
+from bench.report import fetched_pair, goal, print_goals, print_table, write_result
 
 SYSTEMS = ["hf target-only", "hf assisted", "ours target-only", "ours draft K=4", "ours draft K=auto",
            "ours ngram K=auto"]
@@ -38,13 +38,12 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM
     from common.llm import LLM
-    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, is_fetched, model_path
     from common.spec.sampling import SamplingParams
     from common.tokenizer import encode_prompt
-    if not (is_fetched(TARGET_MODEL) and is_fetched(DRAFT_MODEL)):
-        print("bench-spec: the model pair is not fetched; run `make models`", file=sys.stderr)
+    pair = fetched_pair("bench-spec")
+    if pair is None:
         return 2
-    target, draft = str(model_path(TARGET_MODEL)), str(model_path(DRAFT_MODEL))
+    target, draft = pair
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).eval()

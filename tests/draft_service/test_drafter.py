@@ -1,5 +1,4 @@
 """The draft service's engine without gRPC: batched proposals equal one-at-a-time ones; the soft cache."""
-import threading
 
 import pytest
 
@@ -8,6 +7,7 @@ from common.engine.model_runner import ModelRunner
 from common.spec.sampling import SamplingParams
 from draft_service.drafter import Drafter
 from tests.checkpoints import build_model_folder
+from tests.draft_service.propose_gate import ProposeGate
 
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=0.8, top_p=0.9, seed=11)
@@ -37,18 +37,12 @@ def _one_by_one(folder, params):
 def test_concurrent_calls_are_batched_and_equal_sequential_ones(folder, params):
     expected = _one_by_one(folder, params)
     d = _drafter(folder)
-    entered, gate, propose = threading.Event(), threading.Event(), d.proposer.propose
-
-    def held_propose(requests):                 # hold the engine thread on the first call...
-        entered.set()
-        gate.wait(30)
-        return propose(requests)
-    d.proposer.propose = held_propose
+    gate = ProposeGate(d)
     try:
         first = d.submit("warm", [1, 2, 3], 2, GREEDY, 0)
-        assert entered.wait(30)
+        gate.wait_entered()                     # the engine thread is held on the first call...
         futs = [d.submit(f"r{i}", ctx, 4, params, 0) for i, ctx in enumerate(CONTEXTS)]
-        gate.set()                              # ...so the next five are queued and drafted as one batch
+        gate.release()                          # ...so the next five are queued and drafted as one batch
         first.result(30)
         results = [f.result(30) for f in futs]
     finally:

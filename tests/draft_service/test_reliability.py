@@ -3,7 +3,6 @@ thread when callers give up: every bad request gets INVALID_ARGUMENT naming the 
 makes it answer INTERNAL or fall over, and it keeps serving the next valid request."""
 import collections
 import math
-import threading
 import time
 
 import grpc
@@ -18,6 +17,7 @@ from common.spec.sampling import SamplingParams
 from draft_service.drafter import Drafter
 from tests.checkpoints import build_model_folder
 from tests.reliability import EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, ServiceProcess, messages, record
+from tests.draft_service.propose_gate import ProposeGate
 
 MAX_LEN = 1024
 VALID = draft_pb2.ProposeRequest(request_id="valid", context_token_ids=[5, 9, 2], k=3)
@@ -137,24 +137,18 @@ def test_a_proposal_whose_caller_gave_up_does_not_stop_the_drafter(folder):
     skip it (setting a result on a cancelled future raised InvalidStateError and ended the thread)."""
     runner = ModelRunner(EngineConfig(model=folder, dtype="float32", num_kv_blocks=128, max_num_seqs=16))
     d = Drafter(runner, k_max=8)
-    entered, gate, propose = threading.Event(), threading.Event(), d.proposer.propose
-
-    def held_propose(requests):
-        entered.set()
-        gate.wait(30)
-        return propose(requests)
-    d.proposer.propose = held_propose
+    gate = ProposeGate(d)
     try:
         busy = d.submit("busy", [1, 2, 3], 2, SamplingParams(), 0)
-        assert entered.wait(30)
+        gate.wait_entered()
         abandoned = d.submit("gone", [4, 5, 6], 2, SamplingParams(), 0)
         assert abandoned.cancel()                              # what grpc does when the RPC is cancelled
-        gate.set()
+        gate.release()
         busy.result(30)
         after = d.propose("next", [7, 8, 9], 3, SamplingParams(), 0, timeout=30)
         assert len(after.proposal.token_ids) == 3
     finally:
-        gate.set()
+        gate.release()
         d.shutdown()
 
 
@@ -163,23 +157,17 @@ def test_a_batch_of_new_requests_fits_beside_a_full_soft_cache(folder):
     before drafting (the runner, sized max_cached_sequences + 1, refused 'too many sequences')."""
     runner = ModelRunner(EngineConfig(model=folder, dtype="float32", num_kv_blocks=128, max_num_seqs=5))
     d = Drafter(runner, k_max=8, max_cached_sequences=4)
+    for i in range(4):
+        d.propose(f"cached-{i}", [i + 1, 2, 3], 2, SamplingParams(), 0, timeout=30)
+    gate = ProposeGate(d)
     try:
-        for i in range(4):
-            d.propose(f"cached-{i}", [i + 1, 2, 3], 2, SamplingParams(), 0, timeout=30)
-        entered, gate, propose = threading.Event(), threading.Event(), d.proposer.propose
-
-        def held_propose(requests):
-            entered.set()
-            gate.wait(30)
-            return propose(requests)
-        d.proposer.propose = held_propose
         first = d.submit("new-0", [9, 9, 9], 2, SamplingParams(), 0)
-        assert entered.wait(30)
+        gate.wait_entered()
         batch = [d.submit(f"new-{i}", [i, 5, 7], 3, SamplingParams(), 0) for i in range(1, 4)]
-        gate.set()
+        gate.release()
         assert len(first.result(30).proposal.token_ids) == 2
         assert [len(f.result(30).proposal.token_ids) for f in batch] == [3, 3, 3]
         assert max(d.batch_sizes) == 3 and d.cached_sequences <= 4
     finally:
-        gate.set()
+        gate.release()
         d.shutdown()

@@ -3,13 +3,11 @@ import threading
 
 import pytest
 
-from common.config import EngineConfig
-from common.engine.tp_executor import TPExecutor
 from common.llm import LLM
 from common.spec.proposal import DraftProposal
 from common.spec.sampling import SamplingParams
 from tests.checkpoints import build_model_folder
-from verifier_service.engine import VerifierEngine, VerifyCall
+from verifier_service.engine import VerifyCall
 from verifier_service.sessions import RoundMismatchError, UnknownSessionError
 
 GREEDY = SamplingParams()
@@ -18,15 +16,6 @@ GREEDY = SamplingParams()
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return str(build_model_folder(tmp_path_factory.mktemp("verifier") / "target", seed=5))
-
-
-@pytest.fixture()
-def engine(folder):
-    ex = TPExecutor(EngineConfig(model=folder, dtype="float32", num_kv_blocks=256))
-    eng = VerifierEngine(ex, k_max=8, max_queue=64)
-    yield eng
-    eng.shutdown()
-    ex.shutdown()
 
 
 def _verify(engine, sid, rnd, committed, new, drafts=()):

@@ -14,8 +14,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import EngineConfig
-from common.engine.tp_executor import TPExecutor
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from common.spec.proposal import DraftProposal
@@ -23,7 +21,7 @@ from common.spec.sampling import SamplingParams
 from tests.checkpoints import build_model_folder
 from tests.reliability import (EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, ServiceProcess, idle_state,
                                latency_figures, messages, record, wait_for_state)
-from verifier_service.engine import VerifierEngine, VerifyCall
+from verifier_service.engine import VerifyCall
 
 MAX_LEN = 1024
 MAX_QUEUE = 4
@@ -276,15 +274,6 @@ def test_64_clients_against_a_bounded_queue_are_admitted_or_refused_at_once(veri
 
 
 # ---- the engine thread survives callers that give up and batches that fail ---------------------------------------
-@pytest.fixture()
-def engine(folder):
-    ex = TPExecutor(EngineConfig(model=folder, dtype="float32", num_kv_blocks=256))
-    eng = VerifierEngine(ex, k_max=8, max_queue=64)
-    yield eng
-    eng.shutdown()
-    ex.shutdown()
-
-
 def _call(sid, tokens, drafts=(), params=SamplingParams()):
     return VerifyCall(sid, 0, len(tokens), list(tokens), DraftProposal(list(drafts)), params)
 
