@@ -59,8 +59,8 @@ def _ttft(client, ids: list[int]) -> tuple[float, object]:
 def cache_part(target: str, tokenizer, dtype: str, system_tokens: int) -> tuple[list[dict], dict]:
     from common.distributed import free_port
     from gateway.client import SpecdClient
-    from gateway.topology import LocalTopology
-    from common.redis_server import RedisServer
+    from scripts.dev.topology import LocalTopology
+    from scripts.dev.redis_server import RedisServer
 
     system = system_prompt_ids(tokenizer, system_tokens)
     requests = [system + tokenizer.encode(f"\nUser: {u}\nAssistant:", add_special_tokens=False) for u in USER_TURNS]
@@ -103,7 +103,7 @@ def tracing_part(target: str, draft: str, tokenizer, dtype: str, reps: int, max_
     from tests.otlp_receiver import OtlpReceiver
     from common.tokenizer import encode_prompt
     from gateway.client import SpecdClient
-    from gateway.topology import LocalTopology
+    from scripts.dev.topology import LocalTopology
 
     ids = [encode_prompt(tokenizer, text, chat) for _, _, text, chat in PROMPTS[:4]]
     receiver = OtlpReceiver()

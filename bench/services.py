@@ -61,10 +61,10 @@ def main(argv=None) -> int:
 
     from common.distributed import free_port
     from common.llm import LLM
-    from common.spec.sampling import SamplingParams
+    from common.speculative.sampling import SamplingParams
     from common.tokenizer import encode_prompt
     from gateway.client import SpecdClient
-    from gateway.topology import LocalTopology
+    from scripts.dev.topology import LocalTopology
     pair = fetched_pair("bench-services")
     if pair is None:
         return 2

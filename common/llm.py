@@ -12,11 +12,11 @@ from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner, SequenceChunk
 from common.engine.tp_executor import TPExecutor
 from common.errors import ConfigError
-from common.spec.adaptive_k import AdaptiveK, CostModel
-from common.spec.decoder import Request, SpeculativeDecoder, SpecStats
-from common.spec.draft_model_proposer import DraftModelProposer
-from common.spec.ngram_proposer import NgramProposer
-from common.spec.sampling import SamplingParams
+from common.speculative.adaptive_k import AdaptiveK, CostModel
+from common.speculative.decoder import Request, SpeculativeDecoder, SpecStats
+from common.speculative.proposers.draft_model import DraftModelProposer
+from common.speculative.proposers.ngram import NgramProposer
+from common.speculative.sampling import SamplingParams
 from common.tokenizer import (encode_prompt, load_tokenizer, stop_string_checker, stop_token_ids,
                               vocab_fingerprint)
 

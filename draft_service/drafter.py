@@ -21,10 +21,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from common.errors import KVCacheExhaustedError, SpecdError
-from common.spec.draft_model_proposer import DraftModelProposer
-from common.spec.proposal import DraftProposal
-from common.spec.proposer import ProposeRequest
-from common.spec.sampling import SamplingParams
+from common.speculative.proposers.draft_model import DraftModelProposer
+from common.speculative.proposal import DraftProposal
+from common.speculative.proposers import ProposeRequest
+from common.speculative.sampling import SamplingParams
 from common.telemetry.metrics import DRAFT_BATCH_SIZE
 from common.telemetry.tracing import attached, current_context
 

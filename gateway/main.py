@@ -136,7 +136,7 @@ async def serve(args) -> None:
     from common.models.fetch import TARGET_MODEL, model_path
     from common.rpc.generated.specd.v1 import draft_pb2_grpc, gateway_pb2_grpc, verifier_pb2_grpc
     from common.rpc.server import ServiceHost
-    from common.spec.adaptive_k import CostModel
+    from common.speculative.adaptive_k import CostModel
     from common.tokenizer import load_tokenizer, stop_string_checker, stop_token_ids, vocab_fingerprint
     from common.llm import parse_num_speculative_tokens
     from common.telemetry import metrics

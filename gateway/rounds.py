@@ -1,6 +1,6 @@
 """The draft→verify round loop of one request, over gRPC.
 
-Same decisions as the in-process decoder (common/spec/request.py): K from the adaptive controller, stop
+Same decisions as the in-process decoder (common/speculative/request.py): K from the adaptive controller, stop
 conditions, stats. What is specific to services: a draft that fails or misses its deadline turns the round
 into plain decoding (K = 0) and is retried after a pause; a verifier that lost the session (NOT_FOUND, or a
 round mismatch) is re-prefilled from the gateway's own token history under the same round counter.
@@ -19,9 +19,9 @@ from opentelemetry import trace
 
 from common.rpc.convert import dists_to_pb, proposal_from_pb, sampling_to_pb
 from common.rpc.generated.specd.v1 import draft_pb2, verifier_pb2
-from common.spec.adaptive_k import CostModel
-from common.spec.proposal import DraftProposal
-from common.spec.request import Request, StopCheck, choose_k, commit_tokens
+from common.speculative.adaptive_k import CostModel
+from common.speculative.proposal import DraftProposal
+from common.speculative.request import Request, StopCheck, choose_k, commit_tokens
 from common.telemetry import metrics
 
 log = logging.getLogger(__name__)

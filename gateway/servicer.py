@@ -12,9 +12,9 @@ from opentelemetry import trace
 from common.rpc.convert import sampling_from_pb
 from common.rpc.errors import abort_with, status_for
 from common.rpc.generated.specd.v1 import gateway_pb2, gateway_pb2_grpc
-from common.spec.adaptive_k import AdaptiveK
-from common.spec.request import Request
-from common.spec.sampling import SamplingParams
+from common.speculative.adaptive_k import AdaptiveK
+from common.speculative.request import Request
+from common.speculative.sampling import SamplingParams
 from common.telemetry import metrics
 from common.tokenizer import encode_prompt
 from gateway.rounds import RoundRunner

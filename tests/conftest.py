@@ -26,7 +26,7 @@ def real_models():
 @pytest.fixture()
 def redis_server():
     """A fresh real redis-server on a free loopback port, killed afterwards."""
-    from common.redis_server import RedisServer
+    from scripts.dev.redis_server import RedisServer
     server = RedisServer()
     yield server
     server.stop()

@@ -29,7 +29,7 @@ EXPECTED_CODES = {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", 
 # ---- processes and metrics ---------------------------------------------------------------------------------------
 def insecure_flag(service: str) -> list[str]:
     """['--insecure'] once `specd <service>` wants it for plaintext (TLS by default), else []."""
-    from common.cli import build_parser
+    from scripts.cli import build_parser
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return ["--insecure"] if "--insecure" in sub.choices[service]._option_string_actions else []
 
@@ -44,7 +44,7 @@ class ServiceProcess:
         self.address = f"127.0.0.1:{self.port}"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "common.cli", service, "--model", model, "--dtype", "float32",
+                [sys.executable, "-m", "scripts.cli", service, "--model", model, "--dtype", "float32",
                  "--kv-cache-gib", "0.05", "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                  *insecure_flag(service), *extra], stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **(env or {})}, start_new_session=True)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from common.engine.model_runner import SequenceChunk
 from common.errors import SpecdError
-from common.spec.proposal import DraftProposal
-from common.spec.rejection import RejectionSampler, VerifyInput
-from common.spec.sampling import SamplingParams
+from common.speculative.proposal import DraftProposal
+from common.speculative.rejection import RejectionSampler, VerifyInput
+from common.speculative.sampling import SamplingParams
 from common.telemetry.metrics import VERIFIER_BATCH_SIZE
 from common.telemetry.tracing import attached
 from verifier_service.sessions import (RoundMismatchError, Session, SessionTable, UnknownSessionError,

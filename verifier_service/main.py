@@ -29,8 +29,8 @@ async def serve(args) -> None:
     from common.rpc.server import ServiceHost
     from verifier_service.engine import VerifierEngine, VerifyCall
     from verifier_service.servicer import VerifierServicer
-    from common.spec.proposal import DraftProposal
-    from common.spec.sampling import SamplingParams
+    from common.speculative.proposal import DraftProposal
+    from common.speculative.sampling import SamplingParams
     from common.telemetry import metrics
     from common.telemetry.server_interceptor import server_interceptors
     from common.telemetry.tracing import VERIFIER, setup_tracing, shutdown_tracing

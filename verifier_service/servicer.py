@@ -9,7 +9,7 @@ from opentelemetry import trace
 from common.rpc.convert import proposal_from_pb, sampling_from_pb
 from common.rpc.errors import abort_with
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.spec.proposal import DraftProposal
+from common.speculative.proposal import DraftProposal
 from verifier_service.engine import VerifierEngine, VerifyCall
 from verifier_service.sessions import RoundMismatchError, VerifyResult
 

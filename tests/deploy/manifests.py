@@ -145,7 +145,7 @@ def container_env(container: dict, objects: list[dict]) -> dict[str, str]:
 def parse_specd(argv: list[str], env: dict[str, str]):
     """Parse a container's `specd ...` arguments exactly as the image would: the flags' defaults come from SPECD_*
     (and REDIS_URL) variables, read from the container's environment alone, not this test process's."""
-    from common.cli import build_parser
+    from scripts.cli import build_parser
     with mock.patch.dict(os.environ, env, clear=True):
         return build_parser().parse_args(argv)
 

@@ -50,7 +50,7 @@ def test_entry_point_is_the_specd_console_script():
     final = _final()
     assert final.all("ENTRYPOINT") == ['["specd"]']
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["specd"] == "common.cli:main"
+    assert scripts["specd"] == "scripts.cli:main"
 
 
 def test_every_copy_source_exists_and_is_in_the_build_context():
@@ -84,7 +84,7 @@ def test_no_weights_in_the_image_and_a_non_root_user_on_all_interfaces():
         assert not any("models fetch" in run for run in stage.all("RUN")), "weights are fetched at run time only"
     for weights in ("model.safetensors", "models/x.gguf"):
         assert _dockerignored(weights), f"{weights} would enter the build context"
-    assert not _dockerignored("common/cli.py")
+    assert not _dockerignored("scripts/cli.py")
     final = _final()
     env = dockerfile_env(final)
     assert env["SPECD_HOST"] == "0.0.0.0" and env["SPECD_MODELS_DIR"] == "/models"

@@ -13,13 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common.cli import main
+from scripts.cli import main
 from common.distributed import free_port
 from gateway.client import SpecdClient
-from gateway.topology import STATE_FILE, down
+from scripts.dev.topology import STATE_FILE, down
 from tests.checkpoints import build_model_folder, perturbed_copy
 
-SPECD = [sys.executable, "-m", "common.cli"]
+SPECD = [sys.executable, "-m", "scripts.cli"]
 REPO = Path(__file__).resolve().parents[2]
 
 

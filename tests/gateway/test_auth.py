@@ -186,7 +186,7 @@ def test_identify_matches_only_configured_keys():
 
 
 def test_gateway_flags_configure_keys_and_limits(tmp_path, monkeypatch, caplog):
-    from common.cli import build_parser
+    from scripts.cli import build_parser
     from common.rpc.tls import PLAINTEXT
     from gateway.main import api_key_interceptors, check_args
     monkeypatch.delenv("SPECD_API_KEYS", raising=False)

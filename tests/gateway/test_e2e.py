@@ -10,9 +10,9 @@ import pytest
 from common.distributed import free_port
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.spec.sampling import SamplingParams
+from common.speculative.sampling import SamplingParams
 from gateway.client import SpecdClient
-from gateway.topology import LocalTopology
+from scripts.dev.topology import LocalTopology
 from tests.checkpoints import build_model_folder, perturbed_copy
 
 PROMPTS = [[5, 9, 2, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4], [100, 3]]
@@ -148,7 +148,7 @@ def test_draft_killed_mid_request_falls_back_and_speculation_resumes(topo, clien
 
 
 def test_health_command_against_the_running_services(topo, capsys):
-    from common.cli import main
+    from scripts.cli import main
     for port in (topo.gateway_port, topo.draft_port, topo.verifier_port):
         assert main(["health", "--insecure", f"127.0.0.1:{port}"]) == 0
     assert "SERVING" in capsys.readouterr().out

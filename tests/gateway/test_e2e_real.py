@@ -5,10 +5,10 @@ import pytest
 
 from common.distributed import free_port
 from common.llm import LLM
-from common.spec.sampling import SamplingParams
+from common.speculative.sampling import SamplingParams
 from common.tokenizer import encode_prompt
 from gateway.client import SpecdClient
-from gateway.topology import LocalTopology
+from scripts.dev.topology import LocalTopology
 
 pytestmark = pytest.mark.real_model
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.cli import build_parser
+from scripts.cli import build_parser
 from common.rpc.flags import server_config
 from common.rpc.generated.specd.v1 import gateway_pb2
-from common.spec.adaptive_k import CostModel
+from common.speculative.adaptive_k import CostModel
 from gateway.servicer import PROMPT_CHARS_PER_TOKEN, GatewayServicer
 
 

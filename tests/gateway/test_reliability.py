@@ -19,9 +19,9 @@ from common.distributed import free_port
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import gateway_pb2
 from common.rpc.health_check import check
-from common.spec.sampling import SamplingParams
+from common.speculative.sampling import SamplingParams
 from gateway.client import SpecdClient
-from gateway.topology import LocalTopology
+from scripts.dev.topology import LocalTopology
 from tests.checkpoints import build_model_folder, perturbed_copy
 from tests.reliability import (EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, idle_state, latency_figures, messages,
                                record, scrape, wait_for_state, wait_until)

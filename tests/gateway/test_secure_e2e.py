@@ -6,14 +6,14 @@ import secrets
 import grpc
 import pytest
 
-from common.cli import main
+from scripts.cli import main
 from common.distributed import free_port
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2_grpc
 from common.rpc.tls import PLAINTEXT, sync_channel
-from common.spec.sampling import SamplingParams
+from common.speculative.sampling import SamplingParams
 from gateway.client import SpecdClient
-from gateway.topology import LocalTopology
+from scripts.dev.topology import LocalTopology
 from tests.certs import write_pki
 from tests.checkpoints import build_model_folder, perturbed_copy
 from tests.grpc_status import status_of

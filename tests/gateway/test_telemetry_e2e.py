@@ -39,7 +39,7 @@ class Services:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.log_dir / f"{name}.log", "w")
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", name, *args, "--port", str(self.ports[name]),
+            [sys.executable, "-m", "scripts.cli", name, *args, "--port", str(self.ports[name]),
              "--metrics-port", str(self.metrics_ports[name]), "--insecure"], env=self.env, stdout=log,
             stderr=subprocess.STDOUT)
 

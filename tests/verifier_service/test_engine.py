@@ -4,8 +4,8 @@ import threading
 import pytest
 
 from common.llm import LLM
-from common.spec.proposal import DraftProposal
-from common.spec.sampling import SamplingParams
+from common.speculative.proposal import DraftProposal
+from common.speculative.sampling import SamplingParams
 from tests.checkpoints import build_model_folder
 from verifier_service.engine import VerifyCall
 from verifier_service.sessions import RoundMismatchError, UnknownSessionError

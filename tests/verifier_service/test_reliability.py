@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.spec.proposal import DraftProposal
-from common.spec.sampling import SamplingParams
+from common.speculative.proposal import DraftProposal
+from common.speculative.sampling import SamplingParams
 from tests.checkpoints import build_model_folder
 from tests.reliability import (EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, ServiceProcess, idle_state,
                                latency_figures, messages, record, wait_for_state)

@@ -12,7 +12,7 @@ from common.llm import LLM
 from common.kv.prefix_cache import KEY_PREFIX
 from common.rpc.generated.specd.v1 import verifier_pb2, verifier_pb2_grpc
 from common.rpc.health_check import check
-from common.spec.sampling import SamplingParams
+from common.speculative.sampling import SamplingParams
 from tests.checkpoints import build_model_folder
 
 SYSTEM = [(31 * i + 7) % 120 + 1 for i in range(512)]      # 32 full blocks of 16
@@ -36,7 +36,7 @@ class Replica:
         self.port = free_port()
         self.log = open(tmp_path / f"{name}.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "verifier", "--model", target, "--dtype", "float32",
+            [sys.executable, "-m", "scripts.cli", "verifier", "--model", target, "--dtype", "float32",
              "--port", str(self.port), "--kv-cache-gib", "0.05", "--redis-url", redis_url,
              "--prefix-cache-mib", "0", "--insecure"], stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120

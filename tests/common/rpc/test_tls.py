@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 
-from common.cli import main
+from scripts.cli import main
 from common.errors import ConfigError
 from common.rpc.generated.specd.v1 import draft_pb2, draft_pb2_grpc
 from common.rpc.health_check import check
@@ -143,7 +143,7 @@ def test_empty_environment_values_mean_not_set():
 def test_a_service_without_certificates_or_insecure_refuses_to_start_before_loading_anything(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SPECD_")}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "common.cli", "draft", "--model", str(tmp_path / "no-such-model")],
+    proc = subprocess.run([sys.executable, "-m", "scripts.cli", "draft", "--model", str(tmp_path / "no-such-model")],
                           capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2
     assert "no TLS certificate" in proc.stderr and "--insecure" in proc.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common.distributed import free_port
 from gateway.client import SpecdClient
-from gateway.topology import LocalTopology
+from scripts.dev.topology import LocalTopology
 
 DEMO_PROMPTS = [
     ("code completion", "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n", False),

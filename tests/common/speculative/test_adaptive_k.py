@@ -1,7 +1,7 @@
 """Adaptive K follows acceptance and cost: long drafts when they pay, plain decoding when they don't."""
 import pytest
 
-from common.spec.adaptive_k import AdaptiveK, CostModel, expected_tokens
+from common.speculative.adaptive_k import AdaptiveK, CostModel, expected_tokens
 
 
 def _costs(t_draft, t_verify=0.1, per_token=0.0):

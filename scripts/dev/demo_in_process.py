@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from common.llm import LLM
-from common.spec.sampling import SamplingParams
+from common.speculative.sampling import SamplingParams
 
 DEMO_PROMPTS = [
     ("code completion", "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n", False),

@@ -52,7 +52,7 @@ class LocalTopology:
 
     def _spawn(self, name: str, args: list[str]) -> None:
         level = ["--log-level", self.log_level] if self.log_level else []
-        self._spawn_argv(name, [sys.executable, "-m", "common.cli", *level, *args])
+        self._spawn_argv(name, [sys.executable, "-m", "scripts.cli", *level, *args])
 
     def _spawn_argv(self, name: str, argv: list[str]) -> None:
         # Each process leads its own process group (the verifier's TP ranks join it), so stopping a service is one
@@ -72,7 +72,7 @@ class LocalTopology:
         """Start `redis-server` (if installed) on `port` (0: a free one) and point the services at it with REDIS_URL.
         Returns False, changing nothing, when redis-server is not on PATH."""
         from common.distributed import free_port
-        from common.redis_server import redis_answers, redis_server_argv
+        from scripts.dev.redis_server import redis_answers, redis_server_argv
         port = port or free_port()
         argv = redis_server_argv(port, maxmemory)
         if argv is None:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from common.spec.sampling import (PURPOSE_ACCEPT, SamplingParams, make_generator, target_distribution,
+from common.speculative.sampling import (PURPOSE_ACCEPT, SamplingParams, make_generator, target_distribution,
                                   truncate_distribution)
 
 

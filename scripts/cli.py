@@ -30,10 +30,10 @@ def _cmd_demo(args) -> int:
     target = args.target or str(model_path(TARGET_MODEL))
     draft = args.draft or str(model_path(DRAFT_MODEL))
     if args.in_process:
-        from common.engine.demo import run_demo
+        from scripts.dev.demo_in_process import run_demo
         run_demo(target, draft, dtype=args.dtype, max_new_tokens=args.max_tokens, tp_size=args.tp)
     else:
-        from gateway.demo import run_services_demo
+        from scripts.dev.demo_services import run_services_demo
         run_services_demo(target, draft, dtype=args.dtype, tp=args.tp, max_tokens=args.max_tokens)
     return 0
 
@@ -48,7 +48,7 @@ def _cmd_generate(args) -> int:
     from common.errors import SpecdError
     from common.llm import LLM
     from common.models.fetch import TARGET_MODEL, model_path
-    from common.spec.sampling import SamplingParams
+    from common.speculative.sampling import SamplingParams
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, stop=args.stop or [], seed=args.seed)
@@ -175,7 +175,7 @@ def _cmd_up_local(args) -> int:
     from pathlib import Path
 
     from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, model_path
-    from gateway.topology import LocalTopology, read_state, running_processes
+    from scripts.dev.topology import LocalTopology, read_state, running_processes
     state_dir = Path(args.state_dir)
     if args.detach and (state := read_state(state_dir)) and running_processes(state):
         print(f"specd up-local: already up (see {state_dir}); run `specd down-local --state-dir {state_dir}` first",
@@ -224,7 +224,7 @@ def _cmd_up_local(args) -> int:
 
 def _up_detached(topo, args, state_dir) -> int:
     """Start everything in the background, wait until all are SERVING, record pids and ports, return."""
-    from gateway.topology import STATE_FILE, down
+    from scripts.dev.topology import STATE_FILE, down
     topo.log_dir.mkdir(parents=True, exist_ok=True)
     topo.on_spawn = lambda t: t.write_state(state_dir, "starting")   # a killed `up` still leaves a usable record
     print(f"starting redis, verifier (tp={args.tp}), draft and gateway in the background (logs: {topo.log_dir}) …",
@@ -285,7 +285,7 @@ def _port_free(port: int) -> bool:
 def _cmd_down_local(args) -> int:
     from pathlib import Path
 
-    from gateway.topology import STATE_FILE, down, read_state
+    from scripts.dev.topology import STATE_FILE, down, read_state
     state_dir = Path(args.state_dir)
     if read_state(state_dir) is None:
         print(f"nothing to stop: no {state_dir / STATE_FILE}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from common.spec.proposal import DraftProposal, SparseDistribution
-from common.spec.proposer import ProposeRequest
-from common.spec.sampling import PURPOSE_DRAFT, make_generator, sample_from, truncate_distribution
+from common.speculative.proposal import DraftProposal, SparseDistribution
+from common.speculative.proposers import ProposeRequest
+from common.speculative.sampling import PURPOSE_DRAFT, make_generator, sample_from, truncate_distribution
 from common.engine.model_runner import SequenceChunk
 
 

@@ -44,6 +44,7 @@ class DraftProposal:
     """K drafted tokens d_1..d_K; `dists[i]` is q′_i, absent for greedy proposals (ids only)."""
     token_ids: list[int] = field(default_factory=list)
     dists: list[SparseDistribution] | None = None
+    cached_tokens: int = 0         # context tokens the proposer's KV already held (not recomputed)
 
     @property
     def k(self) -> int:

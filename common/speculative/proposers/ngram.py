@@ -5,8 +5,8 @@ sampler accepts d with probability p(d) and otherwise resamples from p without d
 """
 from __future__ import annotations
 
-from common.spec.proposal import DraftProposal, SparseDistribution
-from common.spec.proposer import ProposeRequest
+from common.speculative.proposal import DraftProposal, SparseDistribution
+from common.speculative.proposers import ProposeRequest
 
 
 class NgramProposer:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common.spec.proposal import DraftProposal
-from common.spec.sampling import (PURPOSE_ACCEPT, PURPOSE_RESAMPLE, SamplingParams, make_generator, sample_from,
+from common.speculative.proposal import DraftProposal
+from common.speculative.sampling import (PURPOSE_ACCEPT, PURPOSE_RESAMPLE, SamplingParams, make_generator, sample_from,
                                   target_distribution, uniform)
 
 

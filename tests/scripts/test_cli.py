@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from common.cli import main
+from scripts.cli import main
 from tests.checkpoints import build_model_folder
 
 

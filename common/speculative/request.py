@@ -9,8 +9,8 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from common.spec.adaptive_k import AdaptiveK
-from common.spec.sampling import SamplingParams
+from common.speculative.adaptive_k import AdaptiveK
+from common.speculative.sampling import SamplingParams
 
 _seq_ids = itertools.count(1)
 

@@ -1,9 +1,9 @@
 """Forced outcomes of the rejection sampler: logits built so that the answer is known."""
 import torch
 
-from common.spec.proposal import DraftProposal, SparseDistribution
-from common.spec.rejection import RejectionSampler, VerifyInput
-from common.spec.sampling import SamplingParams
+from common.speculative.proposal import DraftProposal, SparseDistribution
+from common.speculative.rejection import RejectionSampler, VerifyInput
+from common.speculative.sampling import SamplingParams
 
 V = 10
 GREEDY = SamplingParams(temperature=0)

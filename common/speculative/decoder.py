@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 
 from common.engine.model_runner import SequenceChunk
-from common.spec.adaptive_k import CostModel
-from common.spec.proposal import DraftProposal
-from common.spec.proposer import ProposeRequest
-from common.spec.rejection import RejectionSampler, VerifyInput
-from common.spec.request import Request, SpecStats, StopCheck, choose_k, commit_tokens
+from common.speculative.adaptive_k import CostModel
+from common.speculative.proposal import DraftProposal
+from common.speculative.proposers import ProposeRequest
+from common.speculative.rejection import RejectionSampler, VerifyInput
+from common.speculative.request import Request, SpecStats, StopCheck, choose_k, commit_tokens
 
 __all__ = ["Request", "SpecStats", "SpeculativeDecoder"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from common.spec.proposal import DraftProposal
-from common.spec.sampling import SamplingParams
+from common.speculative.proposal import DraftProposal
+from common.speculative.sampling import SamplingParams
 
 
 @dataclass(slots=True)

@@ -1,0 +1,28 @@
+"""Checks of values as they enter specd (a servicer, the `LLM` API): one helper per check, errors that name the field.
+
+Code behind these edges trusts the typed values it is handed and does not check them again.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check_token_ids(field: str, ids: Sequence[int], vocab_size: int, *, allow_empty: bool = False) -> None:
+    """Every id in [0, vocab_size); at least one unless `allow_empty`."""
+    if not ids and not allow_empty:
+        raise ValueError(f"{field}: empty (at least one token id is required)")
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{field}[{i}]={t}: token id outside the vocabulary [0, {vocab_size})")
+
+
+def check_fits_context(field: str, num_tokens: int, extra: int, max_model_len: int, extra_name: str = "k") -> None:
+    """`num_tokens` committed tokens plus `extra` more (drafts) must fit the model's context."""
+    if num_tokens + extra > max_model_len:
+        raise ValueError(f"{field}: {num_tokens} tokens + {extra_name}={extra} exceeds max_model_len={max_model_len}")
+
+
+def check_id(field: str, value: str, max_chars: int = 128) -> None:
+    """A client-chosen identifier (request id, session id): 1..max_chars characters."""
+    if not value or len(value) > max_chars:
+        raise ValueError(f"{field}: {len(value)} characters, must be 1..{max_chars}")

@@ -1,0 +1,1 @@
+"""The `specd` command line and developer tooling: what sits above the services it starts."""

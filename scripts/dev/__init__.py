@@ -1,0 +1,1 @@
+"""Development-only helpers: the whole topology as local processes, a local redis-server, the demos."""
