@@ -84,7 +84,7 @@ def test_no_weights_in_the_image_and_a_non_root_user_on_all_interfaces():
         assert not any("models fetch" in run for run in stage.all("RUN")), "weights are fetched at run time only"
     for weights in ("model.safetensors", "models/x.gguf"):
         assert _dockerignored(weights), f"{weights} would enter the build context"
-    assert not _dockerignored("scripts/cli.py")
+    assert not _dockerignored("scripts/cli/__init__.py")
     final = _final()
     env = dockerfile_env(final)
     assert env["SPECD_HOST"] == "0.0.0.0" and env["SPECD_MODELS_DIR"] == "/models"
