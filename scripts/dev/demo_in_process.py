@@ -5,11 +5,7 @@ import time
 
 from common.llm import LLM
 from common.speculative.sampling import SamplingParams
-
-DEMO_PROMPTS = [
-    ("code completion", "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n", False),
-    ("code chat", "Write a Python function that checks whether a string is a palindrome.", True),
-]
+from scripts.dev.demo_prompts import IN_PROCESS_PROMPTS
 
 
 def run_demo(target: str, draft: str, dtype: str = "bfloat16", max_new_tokens: int = 96, tp_size: int = 1) -> None:
@@ -19,7 +15,7 @@ def run_demo(target: str, draft: str, dtype: str = "bfloat16", max_new_tokens: i
              kv_cache_memory_gib=0.5) as llm:
         print(f"loaded and calibrated in {time.perf_counter() - t0:.1f}s", flush=True)
         params = SamplingParams(max_tokens=max_new_tokens)
-        for name, prompt, chat in DEMO_PROMPTS:
+        for name, prompt, chat in IN_PROCESS_PROMPTS:
             print(f"\n=== {name} ===\n{prompt}", flush=True)
             timings = {}
             for label, proposer in (("target only", None), ("speculative (draft, K=auto)", "draft")):

@@ -7,13 +7,8 @@ from pathlib import Path
 
 from common.distributed import free_port
 from gateway.client import SpecdClient
+from scripts.dev.demo_prompts import DEMO_PROMPTS
 from scripts.dev.topology import LocalTopology
-
-DEMO_PROMPTS = [
-    ("code completion", "def quicksort(arr):\n    \"\"\"Sort a list with quicksort.\"\"\"\n", False),
-    ("code chat", "Write a Python function that checks whether a string is a palindrome.", True),
-    ("prose", "Explain in two sentences why the sky is blue.", True),
-]
 
 
 def run_services_demo(target: str, draft: str, dtype: str = "bfloat16", tp: int = 2, max_tokens: int = 96) -> None:
