@@ -45,9 +45,6 @@ class TPGroup:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier(group=self.group)
 
 
 _SINGLE = TPGroup()

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
-from common.rpc.convert import dists_to_pb, proposal_from_pb, sampling_to_pb
+from common.rpc.convert import sampling_to_pb
 from common.rpc.generated.specd.v1 import draft_pb2, verifier_pb2
 from common.speculative.adaptive_k import CostModel
-from common.speculative.proposal import DraftProposal
-from common.speculative.request import Request, StopCheck, choose_k, commit_tokens
+from common.speculative.outcome import VerifyOutcome
+from common.speculative.request import Request, StopCheck, StopConditions, observe_pass_costs
 from common.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -60,63 +60,51 @@ class DraftAvailability:
                     self.retry_s)
 
 
-@dataclass(slots=True)
-class RoundTiming:
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    fallback_rounds: int = 0
-    max_batch_size: int = 0
-    draft_compute_s: float = 0.0
-    verify_compute_s: float = 0.0
-    wire_bytes: int = 0
-    queue_s: float = 0.0
-    prefix_cached_tokens: int = 0
-
-
 class RoundRunner:
     def __init__(self, verifier, draft, eos: frozenset[int], max_model_len: int, settings: RoundSettings,
                  costs: CostModel, stop_check: StopCheck | None = None):
         self.verifier = verifier                 # VerifierServiceStub (grpc.aio)
         self.draft = draft                       # DraftServiceStub (grpc.aio) or None
-        self.eos = eos
         self.max_model_len = max_model_len
+        self.stop = StopConditions(eos, max_model_len, stop_check)
         self.settings = settings
         self.costs = costs
-        self.stop_check = stop_check
         self.draft_state = DraftAvailability(settings.draft_retry_s)
 
     async def run(self, r: Request, request_id: str | None = None) -> AsyncIterator[list[int]]:
         """Run rounds until `r` finishes; yield the tokens each round appended."""
         request_id = request_id or uuid.uuid4().hex
         session = f"{request_id}-0"
-        timing = r.timing = RoundTiming()
         sampling = sampling_to_pb(r.params)
         try:
             while not r.finished:
                 # The span ends before the yield: a suspended generator must not leave its context attached.
                 with tracer.start_as_current_span("round") as span:
-                    t, index, failures = time.perf_counter(), r.stats.rounds, timing.fallback_rounds
+                    t, index = time.perf_counter(), r.stats.rounds
                     draft_down = self.draft is not None and not self.draft_state.available()
-                    k = choose_k(r, self.max_model_len, self.draft is not None and not draft_down)
-                    proposal = await self._propose(r, request_id, k, sampling, timing) if k else DraftProposal([])
-                    reply, session = await self._verify(r, request_id, session, proposal, sampling, timing)
-                    emitted = list(reply.accepted_token_ids) + [reply.next_token_id]
-                    accepted = len(reply.accepted_token_ids)
-                    r.stats.record(proposal.k, accepted)
-                    if r.controller is not None and proposal.k:
-                        r.controller.observe(proposal.k, accepted)
-                    appended = commit_tokens(r, emitted, self.eos, self.max_model_len, self.stop_check)
-                    fallback = draft_down or timing.fallback_rounds > failures
-                    metrics.record_round(k, proposal.k, accepted, len(appended), time.perf_counter() - t, fallback)
+                    k = r.choose_k(self.max_model_len, self.draft is not None and not draft_down)
+                    draft, draft_s = await self._propose(r, request_id, k, sampling) if k else (None, None)
+                    fallback = draft_down or (k > 0 and draft is None)
+                    reply, session, verify_s = await self._verify(r, request_id, session, draft, sampling)
+                    outcome = VerifyOutcome(list(reply.accepted_token_ids), reply.next_token_id,
+                                            len(draft.token_ids) if draft is not None else 0)
+                    observe_pass_costs(self.costs, [r], draft_steps=k, draft_s=draft_s,
+                                       verify_tokens=outcome.num_drafted + 1, verify_s=verify_s)
+                    appended = r.apply(outcome, self.stop)
+                    metrics.record_round(k, outcome.num_drafted, outcome.num_accepted, len(appended),
+                                         time.perf_counter() - t, fallback)
                     if span.is_recording():
-                        span.set_attributes({"specd.round": index, "specd.k": proposal.k, "specd.k_chosen": k,
-                                             "specd.accepted": accepted, "specd.fallback": fallback,
-                                             "specd.session": session})
+                        span.set_attributes({"specd.round": index, "specd.k": outcome.num_drafted,
+                                             "specd.k_chosen": k, "specd.accepted": outcome.num_accepted,
+                                             "specd.fallback": fallback, "specd.session": session})
                 yield appended
         finally:
             await self._release(session)
 
-    async def _propose(self, r: Request, request_id: str, k: int, sampling, timing: RoundTiming) -> DraftProposal:
+    async def _propose(self, r: Request, request_id: str, k: int,
+                       sampling) -> tuple[draft_pb2.ProposeReply | None, float | None]:
+        """The draft's reply, kept as it came (its q′ is forwarded to the verifier unread), and the call's
+        seconds; (None, None) when the draft failed or missed its deadline: the round becomes plain decoding."""
         req = draft_pb2.ProposeRequest(request_id=request_id, context_token_ids=r.context, k=k, sampling=sampling,
                                        round=r.stats.rounds)
         t = time.perf_counter()
@@ -126,25 +114,26 @@ class RoundRunner:
             if e.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 raise                                           # our own bug or bad input: do not hide it
             self.draft_state.failed(e)
-            timing.fallback_rounds += 1
-            return DraftProposal([])
+            r.stats.fallback_rounds += 1
+            return None, None
         dt = time.perf_counter() - t
         metrics.DRAFT_LATENCY.observe(dt)
-        timing.draft_s += dt
-        timing.draft_compute_s += reply.compute_ms / 1000
-        timing.queue_s += reply.queue_ms / 1000
-        timing.wire_bytes += req.ByteSize() + reply.ByteSize()
-        r.stats.draft_time_s += dt
-        if r.stats.rounds:                                      # the first round also prefills the draft
-            self.costs.observe_draft(k, dt)
-        return proposal_from_pb(reply.token_ids, reply.dists)
+        s = r.stats
+        s.draft_s += dt
+        s.draft_compute_s += reply.compute_ms / 1000
+        s.queue_s += reply.queue_ms / 1000
+        s.wire_bytes += req.ByteSize() + reply.ByteSize()
+        return reply, dt
 
-    async def _verify(self, r: Request, request_id: str, session: str, proposal: DraftProposal, sampling,
-                      timing: RoundTiming):
+    async def _verify(self, r: Request, request_id: str, session: str, draft: draft_pb2.ProposeReply | None,
+                      sampling) -> tuple[verifier_pb2.VerifyReply, str, float]:
         for attempt in range(2):
             req = verifier_pb2.VerifyRequest(
                 session_id=session, round=r.stats.rounds, committed_len=len(r.context), new_tokens=r.pending,
-                draft_token_ids=proposal.token_ids, sampling=sampling, draft_dists=dists_to_pb(proposal))
+                sampling=sampling)
+            if draft is not None:
+                req.draft_token_ids.extend(draft.token_ids)
+                req.draft_dists.extend(draft.dists)             # q′ as the draft sent it: never decoded here
             t = time.perf_counter()
             try:
                 reply = await self.verifier.Verify(req, timeout=self.settings.verify_timeout_s)
@@ -158,16 +147,14 @@ class RoundRunner:
                 raise
             dt = time.perf_counter() - t
             metrics.VERIFY_LATENCY.observe(dt)
-            timing.verify_s += dt
-            timing.verify_compute_s += reply.compute_ms / 1000
-            timing.queue_s += reply.queue_ms / 1000
-            timing.prefix_cached_tokens += reply.cached_tokens
-            timing.wire_bytes += req.ByteSize() + reply.ByteSize()
-            timing.max_batch_size = max(timing.max_batch_size, reply.batch_size)
-            r.stats.verify_time_s += dt
-            if len(r.pending) == 1:
-                self.costs.observe_verify(proposal.k + 1, dt)
-            return reply, session
+            s = r.stats
+            s.verify_s += dt
+            s.verify_compute_s += reply.compute_ms / 1000
+            s.queue_s += reply.queue_ms / 1000
+            s.prefix_cached_tokens += reply.cached_tokens
+            s.wire_bytes += req.ByteSize() + reply.ByteSize()
+            s.max_verify_batch_size = max(s.max_verify_batch_size, reply.batch_size)
+            return reply, session, dt
         raise AssertionError("unreachable")
 
     async def _release(self, session: str) -> None:

@@ -14,9 +14,9 @@ from common.rpc.errors import abort_with, status_for
 from common.rpc.generated.specd.v1 import gateway_pb2, gateway_pb2_grpc
 from common.speculative.adaptive_k import AdaptiveK
 from common.speculative.request import Request
-from common.speculative.sampling import SamplingParams
 from common.telemetry import metrics
 from common.tokenizer import encode_prompt
+from common.validation import check_token_ids
 from gateway.rounds import RoundRunner
 from gateway.text import IncrementalText
 
@@ -50,10 +50,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             ids = encode_prompt(self.tokenizer, req.prompt, req.use_chat_template)
         else:
             ids = list(req.prompt_token_ids.ids)
-            if not ids:
-                raise ValueError("prompt_token_ids: empty")
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise ValueError(f"prompt_token_ids: token id outside the vocabulary [0, {self.vocab_size})")
+            check_token_ids("prompt_token_ids", ids, self.vocab_size)
         limit = self.rounds.max_model_len
         if len(ids) >= limit:
             raise ValueError(f"prompt: {len(ids)} tokens, must be < the context limit of {limit} tokens")
@@ -74,17 +71,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise ValueError(f"num_speculative_tokens={k}: must be -1 (auto) or in [0, {self.k_max}]")
         return k
 
-    def _stats(self, r: Request, started: float) -> gateway_pb2.SpecStats:
-        s, t = r.stats, r.timing
+    @staticmethod
+    def _stats(r: Request, started: float) -> gateway_pb2.SpecStats:
+        s = r.stats
         return gateway_pb2.SpecStats(
             rounds=s.rounds, drafted=s.drafted, accepted=s.accepted, acceptance_rate=s.acceptance_rate,
             mean_acceptance_length=s.mean_acceptance_length, accepted_per_position=s.accepted_per_position,
-            fallback_rounds=t.fallback_rounds if t else 0, draft_ms=(t.draft_s if t else 0) * 1000,
-            verify_ms=(t.verify_s if t else 0) * 1000, total_ms=(time.perf_counter() - started) * 1000,
-            max_verify_batch_size=t.max_batch_size if t else 0,
-            draft_compute_ms=(t.draft_compute_s if t else 0) * 1000,
-            verify_compute_ms=(t.verify_compute_s if t else 0) * 1000, wire_bytes=t.wire_bytes if t else 0,
-            queue_ms=(t.queue_s if t else 0) * 1000, prefix_cached_tokens=t.prefix_cached_tokens if t else 0)
+            fallback_rounds=s.fallback_rounds, draft_ms=s.draft_s * 1000, verify_ms=s.verify_s * 1000,
+            total_ms=(time.perf_counter() - started) * 1000, max_verify_batch_size=s.max_verify_batch_size,
+            draft_compute_ms=s.draft_compute_s * 1000, verify_compute_ms=s.verify_compute_s * 1000,
+            wire_bytes=s.wire_bytes, queue_ms=s.queue_s * 1000, prefix_cached_tokens=s.prefix_cached_tokens)
 
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Generate(self, request, context):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from common.rpc.generated.specd.v1 import common_pb2
 from common.speculative.proposal import DraftProposal, SparseDistribution
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams | None, max_tokens: int = 1, stop=(),

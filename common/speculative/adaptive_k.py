@@ -121,8 +121,3 @@ class AdaptiveK:
             self.per_position[i] = (1 - a) * self.per_position[i] + a * hit
             self.observations[i] += 1
             self.pooled = (1 - a / 2) * self.pooled + (a / 2) * hit
-
-    def analytic_speedup(self, k: int) -> float:
-        """E(K) / (1 + K·c), with c = t_draft / t_verify: the ideal speedup over plain decoding."""
-        c = self.costs.t_draft / self.costs.t_verify_base if self.costs.calibrated else 0.0
-        return expected_tokens(self.acceptance, k) / (1 + k * c)

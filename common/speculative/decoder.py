@@ -15,9 +15,10 @@ from common.speculative.adaptive_k import CostModel
 from common.speculative.proposal import DraftProposal
 from common.speculative.proposers import ProposeRequest
 from common.speculative.rejection import RejectionSampler, VerifyInput
-from common.speculative.request import Request, SpecStats, StopCheck, choose_k, commit_tokens
+from common.speculative.request import Request, StopCheck, StopConditions, observe_pass_costs
+from common.speculative.stats import RequestStats
 
-__all__ = ["Request", "SpecStats", "SpeculativeDecoder"]
+__all__ = ["Request", "RequestStats", "SpeculativeDecoder"]
 
 
 class SpeculativeDecoder:
@@ -26,10 +27,9 @@ class SpeculativeDecoder:
         self.target = target
         self.proposer = proposer
         self.sampler = RejectionSampler()
-        self.eos = frozenset(eos_token_ids)
         self.max_model_len = max_model_len or target.runner.max_model_len
+        self.stop = StopConditions(frozenset(eos_token_ids), self.max_model_len, stop_check)
         self.costs = costs or CostModel()
-        self.stop_check = stop_check
 
     def run(self, requests: list[Request], proposer=..., costs: CostModel | None = None) -> None:
         """Decode every request to completion, batching all unfinished ones in each round.
@@ -57,45 +57,38 @@ class SpeculativeDecoder:
             self.proposer.release(r.seq_id)
 
     def step(self, batch: list[Request]) -> None:
-        ks = [self._choose_k(r) for r in batch]
-        proposals = self._propose(batch, ks)
+        ks = [r.choose_k(self.max_model_len, self.proposer is not None) for r in batch]
+        proposals, draft_s = self._propose(batch, ks)
         chunks = [SequenceChunk(r.seq_id, r.pending + p.token_ids, num_logits=p.k + 1)
                   for r, p in zip(batch, proposals)]
         t = time.perf_counter()
-        logits = self.target.forward(chunks)
+        logits = self.target.forward(chunks).logits
         outcomes = self.sampler([VerifyInput(row, p, r.params, r.stats.rounds, len(r.context))
                                  for r, p, row in zip(batch, proposals, logits)])
-        dt = time.perf_counter() - t
-        if all(len(r.pending) == 1 for r in batch):          # a prefill round says nothing of verify cost
-            self.costs.observe_verify(max(p.k for p in proposals) + 1, dt)
+        verify_s = time.perf_counter() - t
+        timed_draft = draft_s if getattr(self.proposer, "has_model", True) else None
+        observe_pass_costs(self.costs, batch, draft_steps=max(ks), draft_s=timed_draft,
+                           verify_tokens=max(p.k for p in proposals) + 1, verify_s=verify_s)
         for r, p, out in zip(batch, proposals, outcomes):
-            r.stats.verify_time_s += dt
-            r.stats.record(p.k, out.num_accepted)
-            if r.controller is not None and p.k:
-                r.controller.observe(p.k, out.num_accepted)
-            committed = len(r.context)
-            self.target.truncate(r.seq_id, committed + out.num_accepted)   # drop rejected drafts' K/V
-            commit_tokens(r, out.emitted, self.eos, self.max_model_len, self.stop_check)
+            r.stats.verify_s += verify_s
+            if p.k:
+                r.stats.draft_s += draft_s or 0.0
+            self.target.truncate(r.seq_id, len(r.context) + out.num_accepted)   # drop rejected drafts' K/V
+            r.apply(out, self.stop)
             if r.finished:
                 self.release(r)
 
-    # ---- helpers -------------------------------------------------------------------------------------------
-    def _choose_k(self, r: Request) -> int:
-        return choose_k(r, self.max_model_len, self.proposer is not None)
-
-    def _propose(self, batch: list[Request], ks: list[int]) -> list[DraftProposal]:
+    def _propose(self, batch: list[Request], ks: list[int]) -> tuple[list[DraftProposal], float | None]:
+        """One proposal per request (empty where K = 0) and the seconds the proposer took (None: not called)."""
         proposals = [DraftProposal([], None if r.params.greedy else []) for r in batch]
         wanted = [ProposeRequest(r.seq_id, r.context, k, r.params, r.stats.rounds)
                   for r, k in zip(batch, ks) if k > 0]
         if not wanted:
-            return proposals
+            return proposals, None
         t = time.perf_counter()
         made = iter(self.proposer.propose(wanted))
-        dt = time.perf_counter() - t
-        if getattr(self.proposer, "has_model", True) and all(r.stats.rounds for r in batch):
-            self.costs.observe_draft(max(ks), dt)                # first rounds also prefill the draft
+        draft_s = time.perf_counter() - t
         for i, k in enumerate(ks):
             if k > 0:
                 proposals[i] = next(made)
-                batch[i].stats.draft_time_s += dt
-        return proposals
+        return proposals, draft_s

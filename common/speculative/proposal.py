@@ -1,9 +1,11 @@
-"""A draft's proposal for one sequence: K token ids and, per position, the distribution q′ they came from."""
+"""A draft's proposal for one sequence: K token ids and, per position, the distribution q′ they came from.
+
+Torch-free (the gateway handles proposals without loading torch): the rejection sampler builds the dense q′
+rows it needs, and a proposer builds the sparse form from its own dense rows (`from_dense`, tensor methods only).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
 
 PROB_SUM_TOLERANCE = 1e-3
 
@@ -28,13 +30,8 @@ class SparseDistribution:
         if abs(total - 1.0) > PROB_SUM_TOLERANCE:
             raise ValueError(f"{where}: draft probabilities sum to {total:.6f}, must be 1 ± {PROB_SUM_TOLERANCE}")
 
-    def dense(self, vocab_size: int) -> torch.Tensor:          # [vocab]
-        q = torch.zeros(vocab_size, dtype=torch.float32)
-        q[torch.tensor(self.token_ids, dtype=torch.long)] = torch.tensor(self.probs, dtype=torch.float32)
-        return q
-
     @classmethod
-    def from_dense(cls, q: torch.Tensor) -> "SparseDistribution":  # q [vocab]
+    def from_dense(cls, q) -> "SparseDistribution":  # q: a torch.Tensor [vocab]
         ids = q.nonzero().squeeze(-1)
         return cls(ids.tolist(), q[ids].tolist())
 

@@ -14,28 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common.speculative.proposal import DraftProposal
+from common.speculative.outcome import VerifyOutcome
+from common.speculative.proposal import DraftProposal, SparseDistribution
 from common.speculative.sampling import (PURPOSE_ACCEPT, PURPOSE_RESAMPLE, SamplingParams, make_generator, sample_from,
                                   target_distribution, uniform)
-
-
-@dataclass(slots=True)
-class VerifyOutcome:
-    accepted: list[int]            # d_1..d_n
-    next_token: int                # recovered (n < K) or bonus (n == K)
-    num_drafted: int
-
-    @property
-    def num_accepted(self) -> int:
-        return len(self.accepted)
-
-    @property
-    def is_bonus(self) -> bool:
-        return self.num_accepted == self.num_drafted
-
-    @property
-    def emitted(self) -> list[int]:
-        return self.accepted + [self.next_token]
 
 
 @dataclass(slots=True)
@@ -45,6 +27,13 @@ class VerifyInput:
     params: SamplingParams
     round_index: int = 0
     position: int = 0              # absolute position of d_1 in the sequence (keys the random streams)
+
+
+def dense_distribution(dist: SparseDistribution, vocab_size: int) -> torch.Tensor:
+    """q′ at one position as a dense row [vocab] (float32, zero off its support)."""
+    q = torch.zeros(vocab_size, dtype=torch.float32)
+    q[torch.tensor(dist.token_ids, dtype=torch.long)] = torch.tensor(dist.probs, dtype=torch.float32)
+    return q
 
 
 class RejectionSampler:
@@ -66,7 +55,7 @@ class RejectionSampler:
             u = uniform(make_generator(seed, PURPOSE_ACCEPT, r, pos0 + i))
             if u * q_d < p_d:                                           # u < p/q′, without dividing
                 continue
-            residual = self.residual(p[i], dists[i].dense(p.shape[1]))
+            residual = self.residual(p[i], dense_distribution(dists[i], p.shape[1]))
             total = float(residual.sum())
             # p_i ≠ q′_i whenever a rejection can happen, so the residual has mass; guard rounding anyway
             dist = residual / total if total > 0 else p[i]

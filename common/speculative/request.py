@@ -1,61 +1,22 @@
-"""One request's state in the round loop, and the decisions every driver of rounds shares.
+"""One request's state in the round loop, and the one round bookkeeping every driver of rounds uses (torch-free).
 
-The in-process decoder (decoder.py) and the gateway (gateway/rounds.py) both call `choose_k` and
-`commit_tokens`, so the two paths pick K and stop in exactly the same way.
+The in-process decoder (decoder.py) and the gateway (gateway/rounds.py) both pick K with `Request.choose_k`,
+feed the shared cost model with `observe_pass_costs` and book each verified round with `Request.apply`, so
+the two paths choose K, learn and stop in exactly the same way.
 """
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from common.speculative.adaptive_k import AdaptiveK
-from common.speculative.sampling import SamplingParams
+from common.errors import ConfigError
+from common.speculative.adaptive_k import AdaptiveK, CostModel
+from common.speculative.outcome import VerifyOutcome
+from common.speculative.params import SamplingParams
+from common.speculative.stats import RequestStats
 
 _seq_ids = itertools.count(1)
-
-
-@dataclass(slots=True)
-class SpecStats:
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    accepted_per_position: list[int] = field(default_factory=list)
-    drafted_per_position: list[int] = field(default_factory=list)
-    k_chosen: list[int] = field(default_factory=list)
-    per_round_accepted: list[int] = field(default_factory=list)
-    draft_time_s: float = 0.0
-    verify_time_s: float = 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def mean_acceptance_length(self) -> float:
-        """Tokens emitted per verify round: 1 + accepted / rounds."""
-        return 1 + self.accepted / self.rounds if self.rounds else 0.0
-
-    def record(self, k: int, num_accepted: int) -> None:
-        self.rounds += 1
-        self.drafted += k
-        self.accepted += num_accepted
-        self.k_chosen.append(k)
-        self.per_round_accepted.append(num_accepted)
-        while len(self.drafted_per_position) < k:
-            self.drafted_per_position.append(0)
-            self.accepted_per_position.append(0)
-        for i in range(k):
-            self.drafted_per_position[i] += 1
-            self.accepted_per_position[i] += i < num_accepted
-
-    def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": round(self.acceptance_rate, 4),
-                "mean_acceptance_length": round(self.mean_acceptance_length, 4),
-                "accepted_per_position": list(self.accepted_per_position),
-                "drafted_per_position": list(self.drafted_per_position),
-                "draft_time_s": round(self.draft_time_s, 4), "verify_time_s": round(self.verify_time_s, 4)}
 
 
 @dataclass(slots=True)
@@ -68,8 +29,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    stats: SpecStats = field(default_factory=SpecStats)
-    timing: object = None                       # the gateway's per-request timing (gateway/rounds.py)
+    stats: RequestStats = field(default_factory=RequestStats)
 
     def __post_init__(self):
         self.pending = list(self.prompt_ids)
@@ -82,34 +42,78 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def choose_k(self, max_model_len: int, can_draft: bool) -> int:
+        """K for the next round: the controller's (or the fixed) choice, within the context and token budgets."""
+        if not can_draft:
+            return 0
+        room = max_model_len - len(self.context)           # the verifier's KV must hold committed + K tokens
+        k = self.controller.choose(limit=room) if self.controller is not None else self.fixed_k
+        return max(0, min(k, room, self.params.max_tokens - len(self.output_ids) - 1))
+
+    def apply(self, outcome: VerifyOutcome, stop: StopConditions) -> list[int]:
+        """Book one verified round: its statistics, what the K controller learns, and the emitted tokens up to
+        the first stop condition. Returns the tokens actually appended."""
+        self.stats.record(outcome.num_drafted, outcome.num_accepted)
+        if self.controller is not None and outcome.num_drafted:
+            self.controller.observe(outcome.num_drafted, outcome.num_accepted)
+        return self._commit(outcome.emitted, stop)
+
+    def _commit(self, emitted: list[int], stop: StopConditions) -> list[int]:
+        appended = []
+        for token in emitted:
+            self.output_ids.append(token)
+            appended.append(token)
+            self.finish_reason = stop.reason(self, token)
+            if self.finished:
+                break
+        self.pending = [] if self.finished else [self.output_ids[-1]]
+        return appended
+
 
 # stop_check(request) -> True when the request's text now ends a generation (stop strings)
 StopCheck = Callable[[Request], bool]
 
 
-def choose_k(r: Request, max_model_len: int, can_draft: bool) -> int:
-    """K for the next round: the controller's (or the fixed) choice, within the context and token budgets."""
-    if not can_draft:
-        return 0
-    room = max_model_len - len(r.context)                  # the verifier's KV must hold committed + K tokens
-    k = r.controller.choose(limit=room) if r.controller is not None else r.fixed_k
-    return max(0, min(k, room, r.params.max_tokens - len(r.output_ids) - 1))
+@dataclass(slots=True, frozen=True)
+class StopConditions:
+    """When a request ends: an EOS token (unless ignored), its token budget, the context limit, a stop string."""
+    eos: frozenset[int]
+    max_model_len: int
+    stop_check: StopCheck | None = None
+
+    def reason(self, r: Request, token: int) -> str | None:
+        """Why `r` ends with `token` just appended, or None."""
+        if token in self.eos and not r.params.ignore_eos:
+            return "stop"
+        if len(r.output_ids) >= r.params.max_tokens or len(r.context) >= self.max_model_len:
+            return "length"
+        if self.stop_check is not None and r.params.stop and self.stop_check(r):
+            return "stop"
+        return None
 
 
-def commit_tokens(r: Request, emitted: list[int], eos: frozenset[int], max_model_len: int,
-                  stop_check: StopCheck | None = None) -> list[int]:
-    """Append a round's emitted tokens until a stop condition; return the tokens actually appended."""
-    appended = []
-    for token in emitted:
-        r.output_ids.append(token)
-        appended.append(token)
-        if token in eos and not r.params.ignore_eos:
-            r.finish_reason = "stop"
-        elif len(r.output_ids) >= r.params.max_tokens or len(r.context) >= max_model_len:
-            r.finish_reason = "length"
-        elif stop_check is not None and r.params.stop and stop_check(r):
-            r.finish_reason = "stop"
-        if r.finished:
-            break
-    r.pending = [] if r.finished else [r.output_ids[-1]]
-    return appended
+def observe_pass_costs(costs: CostModel, batch: Sequence[Request], *, draft_steps: int, draft_s: float | None,
+                       verify_tokens: int, verify_s: float) -> None:
+    """Feed one pass's timings to the shared cost model. Call before `apply`.
+
+    A round that also prefilled says nothing of steady-state cost: a request's first round prefills the draft,
+    and a round whose pending tokens are more than the last emitted one (the prompt, a re-prefill) prefills the
+    target. `draft_s=None`: no draft call whose time means anything (none made, or a model-free proposer).
+    """
+    if draft_s is not None and draft_steps > 0 and all(r.stats.rounds for r in batch):
+        costs.observe_draft(draft_steps, draft_s)
+    if all(len(r.pending) == 1 for r in batch):
+        costs.observe_verify(verify_tokens, verify_s)
+
+
+def parse_num_speculative_tokens(value, k_max: int) -> int | str:
+    """A K setting as users write it: an integer in [0, k_max] or 'auto'."""
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"num_speculative_tokens={value!r}: must be an integer in [0, {k_max}] or 'auto'") from None
+    if not 0 <= k <= k_max:
+        raise ConfigError(f"num_speculative_tokens={k}: must be in [0, {k_max}] (k_max={k_max}) or 'auto'")
+    return k

@@ -1,55 +1,16 @@
-"""Sampling parameters, the exact distribution they define over the vocabulary, and seeded randomness.
+"""The exact distribution sampling parameters define over the vocabulary, and seeded randomness.
 
 `target_distribution` is *the* distribution a token is drawn from: speculative decoding must reproduce it
 exactly, so both the target-only path and the rejection sampler use this one function.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
-MAX_TOKENS_LIMIT = 32768
-MAX_STOP_STRINGS = 16
-# Below this, logits / temperature overflows float32 and the distribution turns into NaN (1e-38 did).
-MIN_TEMPERATURE = 1e-5
+from common.speculative.params import SamplingParams
 
-
-@dataclass(slots=True)
-class SamplingParams:
-    temperature: float = 0.0          # 0 = greedy
-    top_p: float = 1.0                # nucleus mass in (0, 1]
-    top_k: int = 0                    # 0 = off
-    min_p: float = 0.0                # in [0, 1): drop tokens below min_p · max prob
-    max_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 100)):
-            raise ValueError(f"temperature={self.temperature}: must be 0 (greedy) or a finite number in "
-                             f"[{MIN_TEMPERATURE}, 100]")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"top_k={self.top_k}: must be an integer >= 0 (0 = off)")
-        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1):
-            raise ValueError(f"min_p={self.min_p}: must be in [0, 1)")
-        if not (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT):
-            raise ValueError(f"max_tokens={self.max_tokens}: must be in [1, {MAX_TOKENS_LIMIT}]")
-        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > 256 for s in self.stop):
-            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of <= 256 characters")
-        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
-            raise ValueError(f"seed={self.seed}: must be an integer in [0, 2^63)")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+__all__ = ["SamplingParams", "target_distribution", "truncate_distribution", "make_generator", "sample_from",
+           "uniform", "stream_seed"]
 
 
 def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from common.speculative.proposal import DraftProposal
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 
 
 @dataclass(slots=True)
