@@ -17,7 +17,7 @@ from common.speculative.decoder import Request, SpeculativeDecoder, SpecStats
 from common.speculative.proposers.draft_model import DraftModelProposer
 from common.speculative.proposers.ngram import NgramProposer
 from common.speculative.sampling import SamplingParams
-from common.tokenizer import (encode_prompt, load_tokenizer, stop_string_checker, stop_token_ids,
+from common.tokenizer import (cut_at_stop, encode_prompt, load_tokenizer, stop_string_checker, stop_token_ids,
                               vocab_fingerprint)
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
@@ -133,11 +133,7 @@ class LLM:
         return Request(list(ids), params, controller=controller, fixed_k=0 if k == "auto" else k)
 
     def _output(self, r: Request) -> RequestOutput:
-        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        if r.params.stop:
-            cut = [text.find(s) for s in r.params.stop if s in text]
-            if cut:
-                text = text[:min(cut)]
+        text = cut_at_stop(self.tokenizer.decode(r.output_ids, skip_special_tokens=True), r.params.stop)
         return RequestOutput(r.prompt_ids, text, list(r.output_ids), r.finish_reason or "length", r.stats)
 
     def _encode(self, prompt, chat: bool) -> list[int]:

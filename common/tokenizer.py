@@ -57,3 +57,9 @@ def stop_string_checker(tokenizer):
         tail = tokenizer.decode(r.output_ids[-64:], skip_special_tokens=True)
         return any(s in tail for s in r.params.stop)
     return hit
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string; all of it if none occurs."""
+    cut = [text.find(s) for s in stops if s in text]
+    return text[:min(cut)] if cut else text

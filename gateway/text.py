@@ -1,6 +1,8 @@
 """Incremental detokenization for streaming: emit only text that can no longer change."""
 from __future__ import annotations
 
+from common.tokenizer import cut_at_stop
+
 
 class IncrementalText:
     """Decodes the whole output each time and hands out the new suffix.
@@ -16,9 +18,7 @@ class IncrementalText:
         self.sent = 0
 
     def full_text(self, token_ids: list[int]) -> str:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        cut = [text.find(s) for s in self.stop if s in text]
-        return text[:min(cut)] if cut else text
+        return cut_at_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True), self.stop)
 
     def delta(self, token_ids: list[int], final: bool) -> str:
         text = self.full_text(token_ids)
