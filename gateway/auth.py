@@ -20,10 +20,10 @@ from pathlib import Path
 import grpc
 
 from common.errors import ConfigError
+from common.rpc.infra_methods import INFRA_METHOD_PREFIXES
 
 log = logging.getLogger(__name__)
 
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 MIN_KEY_CHARS = 16
 WARN_EVERY_S = 10.0                   # refusals are logged at most this often per key id / reason
 
@@ -143,7 +143,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES):
+        if handler is None or details.method.startswith(INFRA_METHOD_PREFIXES):
             return handler
         kid = self.auth.identify(presented_key(details.invocation_metadata))
         if kid is None:

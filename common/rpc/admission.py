@@ -9,7 +9,8 @@ import contextlib
 
 import grpc
 
-UNCOUNTED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+from common.rpc.infra_methods import INFRA_METHOD_PREFIXES
+
 DRAINING_MESSAGE = "server is draining (shutting down): it takes no new requests; retry on another replica"
 
 
@@ -47,7 +48,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(UNCOUNTED_PREFIXES):
+        if handler is None or handler_call_details.method.startswith(INFRA_METHOD_PREFIXES):
             return handler
         if handler.unary_unary is not None:
             make, behavior = grpc.unary_unary_rpc_method_handler, self._unary(handler.unary_unary)

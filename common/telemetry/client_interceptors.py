@@ -13,7 +13,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from common.telemetry.server_interceptor import UNTRACED_PREFIXES, rpc_attributes
+from common.rpc.infra_methods import INFRA_METHOD_PREFIXES
+from common.telemetry.server_interceptor import rpc_attributes
 
 
 def _method_name(method) -> str:
@@ -35,7 +36,7 @@ class _Traced:
 
     def _start(self, method: str):
         """(span, metadata to add) or (None, None) when this call is not traced."""
-        if method.startswith(UNTRACED_PREFIXES):
+        if method.startswith(INFRA_METHOD_PREFIXES):
             return None, None
         if self.require_parent and not trace.get_current_span().get_span_context().is_valid:
             return None, None

@@ -11,7 +11,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+from common.rpc.infra_methods import INFRA_METHOD_PREFIXES
 
 
 def rpc_attributes(method: str) -> dict:
@@ -46,7 +46,7 @@ class TracingServerInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(UNTRACED_PREFIXES):
+        if handler is None or method.startswith(INFRA_METHOD_PREFIXES):
             return handler
         parent = propagate.extract(dict(handler_call_details.invocation_metadata or ()))
         if handler.unary_unary is not None:
