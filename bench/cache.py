@@ -13,7 +13,6 @@ both see the same machine. Tokens/s of 4 prompts x 64 tokens, greedy.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.prompts import PROMPTS
-from bench.report import fetched_pair, goal, print_goals, print_table, write_result
+from bench.report import bench_arguments, fetched_pair, goal, print_goals, print_table, write_result
 
 USER_TURNS = [
     "How do I reverse a linked list?", "What does this error mean: KeyError?", "Write a binary search.",
@@ -144,13 +143,9 @@ def tracing_part(target: str, draft: str, tokenizer, dtype: str, reps: int, max_
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap = bench_arguments(__doc__, "cache", max_tokens=64, reps=4)
     ap.add_argument("--system-tokens", type=int, default=1024)
-    ap.add_argument("--reps", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-tracing", action="store_true")
-    ap.add_argument("--name", default="cache")
     args = ap.parse_args(argv)
 
     from common.tokenizer import load_tokenizer

@@ -1,6 +1,8 @@
-"""What every benchmark shares: machine facts, repetition statistics, the table and the JSON result file."""
+"""What every benchmark shares: its common flags, machine facts, repetition statistics, the table and the JSON result
+file."""
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -84,3 +86,16 @@ def fetched_pair(bench: str) -> tuple[str, str] | None:
         print(f"{bench}: the model pair is not fetched; run `make models`", file=sys.stderr)
         return None
     return str(model_path(TARGET_MODEL)), str(model_path(DRAFT_MODEL))
+
+
+def bench_arguments(description: str | None, name: str, *, max_tokens: int = 128, reps: int = 3,
+                    prompts: int | None = None) -> argparse.ArgumentParser:
+    """The flags every model-pair bench takes (dtype, tokens, repetitions, result name; prompts if it has a set)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    ap.add_argument("--reps", type=int, default=reps)
+    if prompts is not None:
+        ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--name", default=name, help="result file: bench/results/NAME.json")
+    return ap

@@ -8,7 +8,6 @@ identical; within a topology the batch-1 and batch-8 runs alternate per repetiti
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import statistics
 import sys
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 from bench.prompts import PROMPTS
-from bench.report import fetched_pair, goal, print_goals, print_table, write_result
+from bench.report import bench_arguments, fetched_pair, goal, print_goals, print_table, write_result
 
 
 def _gateway_runs(client, prompts, max_tokens, concurrent: bool):
@@ -50,13 +49,8 @@ def _gateway_runs(client, prompts, max_tokens, concurrent: bool):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap = bench_arguments(__doc__, "services", prompts=len(PROMPTS))
     ap.add_argument("--tp", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--name", default="services")
     args = ap.parse_args(argv)
 
     from common.distributed import free_port

@@ -9,7 +9,6 @@ cost of one draft step relative to one target decoding step.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -17,7 +16,7 @@ import time
 import torch
 
 from bench.prompts import PROMPTS
-from bench.report import fetched_pair, goal, print_goals, print_table, write_result
+from bench.report import bench_arguments, fetched_pair, goal, print_goals, print_table, write_result
 
 SYSTEMS = ["hf target-only", "hf assisted", "ours target-only", "ours draft K=4", "ours draft K=auto",
            "ours ngram K=auto"]
@@ -28,13 +27,7 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
-    ap.add_argument("--name", default="spec")
-    args = ap.parse_args(argv)
+    args = bench_arguments(__doc__, "spec", prompts=len(PROMPTS)).parse_args(argv)
 
     from transformers import AutoModelForCausalLM
     from common.llm import LLM

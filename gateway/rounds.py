@@ -118,11 +118,8 @@ class RoundRunner:
             return None, None
         dt = time.perf_counter() - t
         metrics.DRAFT_LATENCY.observe(dt)
-        s = r.stats
-        s.draft_s += dt
-        s.draft_compute_s += reply.compute_ms / 1000
-        s.queue_s += reply.queue_ms / 1000
-        s.wire_bytes += req.ByteSize() + reply.ByteSize()
+        r.stats.add_rpc(draft=True, wall_s=dt, compute_ms=reply.compute_ms, queue_ms=reply.queue_ms,
+                        wire_bytes=req.ByteSize() + reply.ByteSize())
         return reply, dt
 
     async def _verify(self, r: Request, request_id: str, session: str, draft: draft_pb2.ProposeReply | None,
@@ -148,11 +145,9 @@ class RoundRunner:
             dt = time.perf_counter() - t
             metrics.VERIFY_LATENCY.observe(dt)
             s = r.stats
-            s.verify_s += dt
-            s.verify_compute_s += reply.compute_ms / 1000
-            s.queue_s += reply.queue_ms / 1000
+            s.add_rpc(draft=False, wall_s=dt, compute_ms=reply.compute_ms, queue_ms=reply.queue_ms,
+                      wire_bytes=req.ByteSize() + reply.ByteSize())
             s.prefix_cached_tokens += reply.cached_tokens
-            s.wire_bytes += req.ByteSize() + reply.ByteSize()
             s.max_verify_batch_size = max(s.max_verify_batch_size, reply.batch_size)
             return reply, session, dt
         raise AssertionError("unreachable")

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 from opentelemetry import trace
@@ -85,44 +86,41 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Generate(self, request, context):
         started = time.perf_counter()
-        self._track(context)
-        try:
-            r = self._build(request)
-            text = IncrementalText(self.tokenizer, r.params.stop)
-            async with contextlib.aclosing(self.rounds.run(r, uuid.uuid4().hex)) as rounds:
-                async for _ in rounds:
-                    pass
-        except Exception as e:  # noqa: BLE001
-            await self._fail(context, e)
-        except asyncio.CancelledError:
-            metrics.REQUESTS.labels("CANCELLED").inc()
-            raise
-        self._finished(r)
+        async with contextlib.aclosing(self._rounds(request, context)) as rounds:
+            async for r, text, _ in rounds:
+                pass
         return gateway_pb2.GenerateReply(text=text.full_text(r.output_ids), token_ids=r.output_ids,
                                          finish_reason=r.finish_reason or "length", prompt_tokens=len(r.prompt_ids),
                                          stats=self._stats(r, started))
 
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
+        # Closed here, not whenever the generator is collected: a client that goes away while a chunk is being
+        # sent still has its verifier session released at once.
+        async with contextlib.aclosing(self._rounds(request, context)) as rounds:
+            async for r, text, appended in rounds:
+                chunk = gateway_pb2.GenerateChunk(text=text.delta(r.output_ids, r.finished), token_ids=appended)
+                if r.finished:
+                    chunk.finish_reason = r.finish_reason
+                    chunk.stats.CopyFrom(self._stats(r, started))
+                yield chunk
+
+    async def _rounds(self, request, context) -> AsyncIterator[tuple[Request, IncrementalText, list[int]]]:
+        """Build the request and run its rounds, yielding after each; a failure aborts the RPC with its status,
+        and every outcome (finished, failed, cancelled) is counted once."""
         self._track(context)
         try:
             r = self._build(request)
             text = IncrementalText(self.tokenizer, r.params.stop)
-            # Closed here, not whenever the generator is collected: a client that goes away while a chunk is
-            # being sent still has its verifier session released at once.
             async with contextlib.aclosing(self.rounds.run(r, uuid.uuid4().hex)) as rounds:
                 async for appended in rounds:
-                    chunk = gateway_pb2.GenerateChunk(text=text.delta(r.output_ids, r.finished),
-                                                      token_ids=appended)
                     if r.finished:
-                        chunk.finish_reason = r.finish_reason
-                        chunk.stats.CopyFrom(self._stats(r, started))
                         self._finished(r)
-                    yield chunk
+                    yield r, text, appended
         except Exception as e:  # noqa: BLE001
             await self._fail(context, e)
         except (asyncio.CancelledError, GeneratorExit):
-            metrics.REQUESTS.labels("CANCELLED").inc()      # the client went away mid-stream
+            metrics.REQUESTS.labels("CANCELLED").inc()      # the client went away
             raise
 
     @staticmethod

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.validation import check_token_ids
+
 PROB_SUM_TOLERANCE = 1e-3
 
 
@@ -22,8 +24,7 @@ class SparseDistribution:
                              f"got {len(self.token_ids)} ids and {len(self.probs)} probs")
         if len(set(self.token_ids)) != len(self.token_ids):
             raise ValueError(f"{where}: draft distribution repeats a token id")
-        if any(not 0 <= t < vocab_size for t in self.token_ids):
-            raise ValueError(f"{where}: draft distribution token id outside the vocabulary [0, {vocab_size})")
+        check_token_ids(f"{where}: draft distribution token_ids", self.token_ids, vocab_size)
         if any(not (p >= 0) for p in self.probs):           # also catches NaN
             raise ValueError(f"{where}: draft probabilities must be >= 0")
         total = sum(self.probs)
@@ -48,8 +49,7 @@ class DraftProposal:
         return len(self.token_ids)
 
     def validate(self, vocab_size: int, greedy: bool) -> None:
-        if any(not 0 <= t < vocab_size for t in self.token_ids):
-            raise ValueError(f"draft token id outside the vocabulary [0, {vocab_size})")
+        check_token_ids("draft_token_ids", self.token_ids, vocab_size, allow_empty=True)
         if greedy:
             return
         if self.dists is None or len(self.dists) != self.k:

@@ -52,6 +52,18 @@ class RequestStats:
             self.drafted_per_position[i] += 1
             self.accepted_per_position[i] += i < num_accepted
 
+    def add_rpc(self, *, draft: bool, wall_s: float, compute_ms: float, queue_ms: float, wire_bytes: int) -> None:
+        """One call to the draft service (`draft`) or the verifier: the gateway's wall time, and the compute and
+        queue time the service reported for it."""
+        if draft:
+            self.draft_s += wall_s
+            self.draft_compute_s += compute_ms / 1000
+        else:
+            self.verify_s += wall_s
+            self.verify_compute_s += compute_ms / 1000
+        self.queue_s += queue_ms / 1000
+        self.wire_bytes += wire_bytes
+
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
                 "acceptance_rate": round(self.acceptance_rate, 4),
