@@ -1,5 +1,7 @@
-"""The `specd` command line on tiny models: generate --json for scripts, clear errors, health."""
+"""The `specd` command line on tiny models: generate --json for scripts, clear errors, health, `python -m scripts.cli`."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,11 @@ def test_health_of_nothing_listening_exits_1(capsys):
     from common.distributed import free_port
     assert main(["health", f"127.0.0.1:{free_port()}", "--timeout", "0.5"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().out
+
+
+def test_python_dash_m_scripts_cli_lists_every_command():
+    # How LocalTopology and the e2e tests spawn the services: the package's __main__ must run main().
+    out = subprocess.run([sys.executable, "-m", "scripts.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in ("models", "demo", "generate", "draft", "verifier", "gateway", "up-local", "down-local", "health"):
+        assert f"    {command} " in out, f"{command} missing from `specd --help`"
