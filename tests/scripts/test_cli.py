@@ -1,4 +1,4 @@
-"""The `specd` command line on tiny models: generate --json for scripts, clear errors, health, `python -m scripts.cli`."""
+"""The `specd` command line on tiny models: generate --json, clear errors, health, `python -m scripts.cli`."""
 import json
 import subprocess
 import sys
