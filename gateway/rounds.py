@@ -85,6 +85,7 @@ class RoundRunner:
                     k = r.choose_k(self.max_model_len, self.draft is not None and not draft_down)
                     draft, draft_s = await self._propose(r, request_id, k, sampling) if k else (None, None)
                     fallback = draft_down or (k > 0 and draft is None)
+                    r.stats.fallback_rounds += fallback
                     reply, session, verify_s = await self._verify(r, request_id, session, draft, sampling)
                     outcome = VerifyOutcome(list(reply.accepted_token_ids), reply.next_token_id,
                                             len(draft.token_ids) if draft is not None else 0)
@@ -114,7 +115,6 @@ class RoundRunner:
             if e.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 raise                                           # our own bug or bad input: do not hide it
             self.draft_state.failed(e)
-            r.stats.fallback_rounds += 1
             return None, None
         dt = time.perf_counter() - t
         metrics.DRAFT_LATENCY.observe(dt)

@@ -154,9 +154,6 @@ def test_a_failed_draft_makes_plain_rounds_until_the_retry_pause_ends(monkeypatc
     assert fallback_metric() - before == 3                              # the failed round and the two paused
 
 
-@pytest.mark.xfail(strict=True, reason="rounds.py counts only the failing round in stats.fallback_rounds, while "
-                   "specd_fallback_rounds_total (and SpecStats' doc: 'unavailable or late') also counts the rounds "
-                   "run at K=0 while the breaker keeps the draft marked down")
 def test_fallback_rounds_counts_every_round_the_breaker_ran_without_drafts(monkeypatch):
     FakeClock(monkeypatch)                      # the clock never moves: the draft stays down after round 0
     verifier, r = FakeVerifier(), request(max_tokens=5, k=2)
