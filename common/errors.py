@@ -1,4 +1,4 @@
-"""Engine errors a user can act on; the services map them to gRPC status codes."""
+"""Errors a user can act on, by type: the services map each type to a gRPC status code (common/rpc/errors.py)."""
 
 
 class SpecdError(Exception):
@@ -23,3 +23,28 @@ class SequenceTooLongError(SpecdError, ValueError):
 
 class KVCacheExhaustedError(SpecdError):
     """The paged KV cache has no free block left for a request."""
+
+
+# ---- service errors: each carries its gRPC status by type (common/rpc/errors.py::status_for) ----------------
+class QueueFullError(SpecdError):
+    """A service's work queue is at its bound: the caller should back off (RESOURCE_EXHAUSTED)."""
+
+
+class EngineStoppedError(SpecdError):
+    """The engine thread is shutting down: the call never ran; retry on another replica (UNAVAILABLE)."""
+
+
+class UnknownSessionError(SpecdError):
+    """The session does not exist here (never created, released, expired, or the verifier restarted): NOT_FOUND."""
+
+
+class RoundMismatchError(SpecdError):
+    """A Verify whose round or committed length does not follow the session's state (FAILED_PRECONDITION)."""
+
+    def __init__(self, message: str, expected_round: int):
+        super().__init__(message)
+        self.expected_round = expected_round
+
+
+class TokenizerMismatchError(SpecdError, RuntimeError):
+    """Draft, verifier and gateway must share one tokenizer, or token ids mean different things."""

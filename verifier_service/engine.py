@@ -1,35 +1,32 @@
 """Continuous batching over verify steps: concurrent Verify calls of different sessions share one forward pass.
 
-Calls are queued (bounded: a full queue is refused at once, never waited on); one engine thread takes every
-queued call, checks each against its session (round, committed length; a retried round replays its reply),
-runs one batched target pass, applies the rejection sampler and rolls each session's KV back to its accepted
-prefix. No gRPC here: the servicer converts messages and awaits the futures.
+Calls are queued (bounded: a full queue is refused at once, never waited on); one engine thread (a BatchWorker,
+common/engine/batch_worker.py) takes every queued call, checks each against its session (round, committed
+length; a retried round replays its reply), runs one batched target pass, applies the rejection sampler and
+rolls each session's KV back to its accepted prefix. Release and the expiry of idle sessions run on the same
+thread, between passes. No gRPC here: the servicer converts messages and awaits the futures.
 """
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from common.engine.model_runner import SequenceChunk
-from common.errors import SpecdError
+from common.engine.batch_worker import BatchWorker, Job
+from common.engine.forward_io import SequenceChunk
+from common.errors import RoundMismatchError, SpecdError, UnknownSessionError
 from common.speculative.proposal import DraftProposal
 from common.speculative.rejection import RejectionSampler, VerifyInput
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from common.telemetry.metrics import VERIFIER_BATCH_SIZE
 from common.telemetry.tracing import attached
-from verifier_service.sessions import (RoundMismatchError, Session, SessionTable, UnknownSessionError,
-                                       VerifyResult)
+from common.validation import check_fits_context, check_id, check_token_ids
+from verifier_service.sessions import Session, SessionTable, VerifyResult
 
 log = logging.getLogger(__name__)
 
-
-class QueueFullError(SpecdError):
-    """The verify queue is at its bound: the caller should back off (RESOURCE_EXHAUSTED)."""
+EXPIRY_TICK_S = 1.0          # idle sessions are looked for at least this often, even without traffic
 
 
 @dataclass(slots=True)
@@ -52,65 +49,38 @@ class VerifierEngine:
         self.max_batch = max_batch
         self.vocab_size = executor.model_config.vocab_size
         self.max_model_len = executor.runner.max_model_len
-        self.sessions = SessionTable(session_ttl_s, max_sessions)
+        self.sessions = SessionTable(session_ttl_s, max_sessions)     # touched on the engine thread only
         self.sampler = RejectionSampler()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._lock = threading.Lock()              # guards sessions against Release from other threads
-        self._stop = threading.Event()
-        self.batch_sizes: deque[int] = deque(maxlen=4096)   # the latest forward passes (tests read it)
-        self._thread = threading.Thread(target=self._loop, name="verifier-engine", daemon=True)
-        self._thread.start()
+        self._worker: BatchWorker[VerifyCall] = BatchWorker(
+            self._run_batch, name="verify", max_batch=max_batch, max_queue=max_queue,
+            on_tick=self._expire_sessions, tick_s=EXPIRY_TICK_S)
 
     # ---- API used by the servicer (any thread) -----------------------------------------------------------
     def submit(self, call: VerifyCall) -> Future:
+        """Queue one round; the future resolves to a VerifyResult. Bad input raises ValueError at once."""
         self._validate(call)
         call.enqueued = time.perf_counter()
-        fut: Future = Future()
-        try:
-            self._queue.put_nowait((call, fut))
-        except queue.Full:
-            raise QueueFullError(f"verify queue full ({self._queue.maxsize} calls waiting); retry later") from None
-        return fut
+        return self._worker.submit(call)
 
     def release(self, session_id: str) -> bool:
-        fut: Future = Future()
-        self._queue.put(("release", session_id, fut))       # released on the engine thread, between passes
-        return fut.result(timeout=60)
+        """Free a session's KV; runs on the engine thread between passes, never waits behind the queue."""
+        return self._worker.control(lambda: self._release(session_id)).result(timeout=60)
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._worker.queue_depth
+
+    @property
+    def batch_sizes(self):
+        """The sizes of the latest forward passes (tests read it)."""
+        return self._worker.batch_sizes
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._queue.put(None)
-        self._thread.join(timeout=30)
+        self._worker.shutdown()
         for session in list(self.sessions._sessions.values()):
             self.executor.free(session.seq_id)
 
     # ---- engine thread ------------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            item = self._queue.get()
-            if item is None:
-                break
-            batch = []
-            while True:
-                if isinstance(item, tuple) and item[0] == "release":
-                    _, sid, fut = item
-                    fut.set_result(self._release(sid))
-                elif item is not None:
-                    batch.append(item)
-                if len(batch) >= self.max_batch:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._run_batch(batch)
-            self._expire_sessions()
-
     def _release(self, session_id: str) -> bool:
         session = self.sessions.pop(session_id)
         if session is None:
@@ -123,13 +93,11 @@ class VerifierEngine:
             log.info("session %s idle past its TTL: released", session.session_id)
             self._release(session.session_id)
 
-    def _run_batch(self, batch: list[tuple[VerifyCall, Future]]) -> None:
+    def _run_batch(self, batch: list[Job]) -> int:
+        """The worker's batch step: admit each call against its session, then verify the runnable ones together."""
         runnable: list[tuple[VerifyCall, Future, Session]] = []
-        for call, fut in batch:
-            # A caller that went away (cancelled, past its deadline) cancelled its future: skip its work, and
-            # never set a result on a cancelled future (InvalidStateError would end this thread).
-            if not fut.set_running_or_notify_cancel():
-                continue
+        for job in batch:
+            call, fut = job.item, job.future
             try:
                 session, replay = self._admit(call)
             except SpecdError as e:
@@ -143,37 +111,36 @@ class VerifierEngine:
             else:
                 runnable.append((call, fut, session))
         if not runnable:
-            return
+            return 0
         try:
-            self._verify_batch(runnable)
-        except Exception as e:  # noqa: BLE001 - the engine thread must outlive any one batch
-            # The KV may hold unverified drafts: drop the batch's sessions (a gateway re-prefills on NOT_FOUND).
+            return self._verify_batch(runnable)
+        except Exception:
+            # The KV may hold unverified drafts: drop the batch's sessions (a gateway re-prefills on NOT_FOUND);
+            # the worker hands the error to every caller of the batch and goes on.
             log.exception("verify batch of %d failed: its sessions are dropped", len(runnable))
-            for call, fut, session in runnable:
+            for _, _, session in runnable:
                 self._release(session.session_id)
-                if not fut.done():
-                    fut.set_exception(e)
+            raise
 
-    def _verify_batch(self, runnable: list[tuple[VerifyCall, Future, Session]]) -> None:
+    def _verify_batch(self, runnable: list[tuple[VerifyCall, Future, Session]]) -> int:
+        """One target pass over every runnable call; -> how many shared it (0: the pass was refused)."""
         t = time.perf_counter()
         chunks = [SequenceChunk(s.seq_id, c.new_tokens + c.proposal.token_ids, num_logits=c.proposal.k + 1)
                   for c, _, s in runnable]
         try:
             with attached(runnable[0][0].trace_context if len(runnable) == 1 else None):   # cache spans join it
-                logits = self.executor.forward(chunks)
+                fwd = self.executor.forward(chunks)
         except (SpecdError, ValueError) as e:
             for call, fut, session in runnable:
                 if session.last_result is None:                 # created by this call (round 0 or a resync)
                     self._drop_new_session(session)
                 fut.set_exception(e)
-            return
-        cached = self.executor.last_cached_tokens
+            return 0
         outcomes = self.sampler([VerifyInput(row, c.proposal, c.params, c.round, c.committed_len)
-                                 for (c, _, _), row in zip(runnable, logits)])
+                                 for (c, _, _), row in zip(runnable, fwd.logits)])
         compute_ms = (time.perf_counter() - t) * 1000
-        self.batch_sizes.append(len(runnable))
         VERIFIER_BATCH_SIZE.observe(len(runnable))
-        for (call, fut, session), out, hit in zip(runnable, outcomes, cached):
+        for (call, fut, session), out, hit in zip(runnable, outcomes, fwd.cached_tokens):
             keep = call.committed_len + out.num_accepted
             with attached(call.trace_context):
                 self.executor.truncate(session.seq_id, keep)
@@ -183,6 +150,7 @@ class VerifierEngine:
             session.last_result = VerifyResult(out.accepted, out.next_token, out.is_bonus, keep, call.round,
                                                len(runnable), compute_ms, (t - call.enqueued) * 1000, hit)
             fut.set_result(session.last_result)
+        return len(runnable)
 
     def _admit(self, call: VerifyCall) -> tuple[Session, VerifyResult | None]:
         """Match a call to its session: (session, None) to run it, (session, reply) to replay a retry."""
@@ -214,15 +182,9 @@ class VerifierEngine:
 
     def _validate(self, call: VerifyCall) -> None:
         """Input checks that need no session state (raised to the caller at once, as INVALID_ARGUMENT)."""
-        if not call.session_id or len(call.session_id) > 128:
-            raise ValueError("session_id: must be 1..128 characters")
-        if not call.new_tokens:
-            raise ValueError("new_tokens: at least one committed token the verifier has not seen is required")
+        check_id("session_id", call.session_id)
+        check_token_ids("new_tokens", call.new_tokens, self.vocab_size)
         if not 0 <= call.proposal.k <= self.k_max:
             raise ValueError(f"draft_token_ids: K={call.proposal.k} must be in [0, {self.k_max}]")
-        if any(not 0 <= t < self.vocab_size for t in call.new_tokens):
-            raise ValueError(f"new_tokens: token id outside the vocabulary [0, {self.vocab_size})")
         call.proposal.validate(self.vocab_size, call.params.greedy or call.proposal.k == 0)
-        if call.committed_len + call.proposal.k > self.max_model_len:
-            raise ValueError(f"committed_len={call.committed_len} + K={call.proposal.k} exceeds "
-                             f"max_model_len={self.max_model_len}")
+        check_fits_context("committed_len", call.committed_len, call.proposal.k, self.max_model_len, "K")

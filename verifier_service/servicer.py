@@ -9,9 +9,8 @@ from opentelemetry import trace
 from common.rpc.convert import proposal_from_pb, sampling_from_pb
 from common.rpc.errors import abort_with
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.speculative.proposal import DraftProposal
 from verifier_service.engine import VerifierEngine, VerifyCall
-from verifier_service.sessions import RoundMismatchError, VerifyResult
+from verifier_service.sessions import VerifyResult
 
 
 def _reply(r: VerifyResult) -> verifier_pb2.VerifyReply:
@@ -26,13 +25,17 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         self.engine = engine
         self.info = info
 
-    async def _run(self, call: VerifyCall, context) -> verifier_pb2.VerifyReply:
-        call.trace_context = otel_context.get_current()         # the engine thread's spans join this RPC's trace
+    async def Verify(self, request, context):
+        """One round, or a (re-)prefill: a new session's Verify carries every committed token and maybe no drafts.
+
+        The engine's `submit` checks the input (the edge for in-process callers too); nothing is checked twice."""
         try:
+            call = VerifyCall(request.session_id, request.round, request.committed_len, list(request.new_tokens),
+                              proposal_from_pb(request.draft_token_ids, request.draft_dists),
+                              sampling_from_pb(request.sampling if request.HasField("sampling") else None))
+            call.trace_context = otel_context.get_current()     # the engine thread's spans join this RPC's trace
             result = await asyncio.wrap_future(self.engine.submit(call))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
-            if isinstance(e, RoundMismatchError):
-                context.set_trailing_metadata((("specd-expected-round", str(e.expected_round)),))
             await abort_with(context, e)
         span = trace.get_current_span()
         if span.is_recording():
@@ -42,31 +45,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                                  "specd.cached_tokens": result.cached_tokens, "specd.queue_ms": result.queue_ms,
                                  "specd.compute_ms": result.compute_ms})
         return _reply(result)
-
-    async def Verify(self, request, context):
-        try:
-            call = VerifyCall(request.session_id, request.round, request.committed_len, list(request.new_tokens),
-                              proposal_from_pb(request.draft_token_ids, request.draft_dists),
-                              sampling_from_pb(request.sampling if request.HasField("sampling") else None))
-        except ValueError as e:
-            await abort_with(context, e)
-        return await self._run(call, context)
-
-    async def Prefill(self, request, context):
-        try:
-            tokens = list(request.token_ids)
-            if not tokens:
-                raise ValueError("token_ids: empty (a prefill needs the prompt)")
-            if len(tokens) > self.engine.max_model_len:
-                raise ValueError(f"token_ids: {len(tokens)} tokens, must be <= max_model_len="
-                                 f"{self.engine.max_model_len}")
-            if any(not 0 <= t < self.engine.vocab_size for t in tokens):
-                raise ValueError(f"token_ids: token id outside the vocabulary [0, {self.engine.vocab_size})")
-            call = VerifyCall(request.session_id, 0, len(tokens), tokens, DraftProposal([]),
-                              sampling_from_pb(request.sampling if request.HasField("sampling") else None))
-        except ValueError as e:
-            await abort_with(context, e)
-        return await self._run(call, context)
 
     async def Release(self, request, context):
         released = await asyncio.get_running_loop().run_in_executor(None, self.engine.release, request.session_id)

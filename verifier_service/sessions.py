@@ -4,19 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from common.errors import SpecdError
-
-
-class UnknownSessionError(SpecdError):
-    """The session does not exist here (never created, released, expired, or the verifier restarted)."""
-
-
-class RoundMismatchError(SpecdError):
-    """A Verify whose round or committed length does not follow the session's state."""
-
-    def __init__(self, message: str, expected_round: int):
-        super().__init__(message)
-        self.expected_round = expected_round
+from common.errors import KVCacheExhaustedError
 
 
 @dataclass(slots=True)
@@ -57,7 +45,6 @@ class SessionTable:
 
     def create(self, session_id: str) -> Session:
         if len(self._sessions) >= self.max_sessions:
-            from common.errors import KVCacheExhaustedError
             raise KVCacheExhaustedError(f"too many sessions: {len(self._sessions)} open, max_sessions="
                                         f"{self.max_sessions}")
         s = Session(session_id, self._next_seq)

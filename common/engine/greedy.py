@@ -5,7 +5,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from common.engine.model_runner import SequenceChunk
+from common.engine.forward_io import SequenceChunk
 
 _seq_ids = itertools.count(1 << 20)
 
@@ -28,7 +28,7 @@ def greedy_generate(executor, prompts: Sequence[Sequence[int]], max_new_tokens: 
     results = [GreedyResult() for _ in prompts]
     eos = set(eos_token_ids)
     try:
-        logits = executor.forward([SequenceChunk(i, list(p)) for i, p in zip(ids, prompts)])
+        logits = executor.forward([SequenceChunk(i, list(p)) for i, p in zip(ids, prompts)]).logits
         active = list(range(len(prompts)))
         step = 0
         while active:
@@ -48,7 +48,7 @@ def greedy_generate(executor, prompts: Sequence[Sequence[int]], max_new_tokens: 
             if on_step:
                 on_step(step)
             if active:
-                logits = executor.forward([SequenceChunk(ids[s], [results[s].token_ids[-1]]) for s in active])
+                logits = executor.forward([SequenceChunk(ids[s], [results[s].token_ids[-1]]) for s in active]).logits
     finally:
         for i in ids:
             executor.free(i)

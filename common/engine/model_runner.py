@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from common.config import EngineConfig, ModelConfig
 from common.distributed import TPGroup, single_rank
+from common.engine.forward_io import ForwardOutput, SequenceChunk
 from common.errors import ConfigError, SequenceTooLongError
 from common.kv.block_allocator import BlockAllocator
 from common.kv.block_codec import BlockGeometry
@@ -27,25 +27,6 @@ from common.models.registry import model_class
 from common.telemetry.metrics import PREFIX_CACHE_TOKENS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class SequenceChunk:
-    """New tokens for one sequence in one forward pass, and how many trailing positions need logits.
-
-    Prefill: all prompt tokens, num_logits=1. Decode: one token, num_logits=1. Verify: the last committed
-    token(s) + K drafts, num_logits=K+1. A sequence's first chunk starts it.
-    """
-    seq_id: int
-    token_ids: list[int]
-    num_logits: int = 1
-
-    def __post_init__(self):
-        if not self.token_ids:
-            raise ValueError(f"sequence {self.seq_id}: a chunk needs at least one token")
-        if not 1 <= self.num_logits <= len(self.token_ids):
-            raise ValueError(f"sequence {self.seq_id}: num_logits={self.num_logits} must be in "
-                             f"[1, {len(self.token_ids)}]")
 
 
 @contextlib.contextmanager
@@ -86,7 +67,6 @@ class ModelRunner:
                                      mc.num_kv_heads // self.tp.world_size, mc.head_dim, self.dtype, self.device)
         self.allocator = BlockAllocator(num_blocks)
         self.sequences: dict[int, BlockTable] = {}
-        self.last_cached_tokens: list[int] = []      # per chunk of the last forward: tokens loaded from the cache
         self.prefix_cache: PrefixCache | None = None
         if config.prefix_cache is not None:
             self._init_prefix_cache(config)
@@ -139,11 +119,11 @@ class ModelRunner:
 
     # ---- forward ------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, chunks: list[SequenceChunk]) -> list[torch.Tensor]:
-        """Append each chunk's tokens to its sequence and return logits [num_logits_i, vocab] per chunk (float32).
+    def forward(self, chunks: list[SequenceChunk]) -> ForwardOutput:
+        """Append each chunk's tokens to its sequence; return logits [num_logits_i, vocab] per chunk (float32).
 
         With a prefix cache, a new sequence's leading full blocks are loaded instead of computed when cached
-        (`last_cached_tokens` says how many tokens per chunk)."""
+        (`ForwardOutput.cached_tokens` says how many tokens per chunk)."""
         loaded: list[int] = []
         cached = [0] * len(chunks)
         if self.prefix_cache is not None:
@@ -154,7 +134,6 @@ class ModelRunner:
             for seq_id in loaded:                   # all or nothing: a refused batch leaves no trace
                 self.free(seq_id)
             raise
-        self.last_cached_tokens = cached
         input_ids, positions, slot_mapping, logits_index = [], [], [], []
         offset = 0
         for c in chunks:
@@ -176,8 +155,8 @@ class ModelRunner:
                 self._tokens.setdefault(c.seq_id, []).extend(c.token_ids)
                 self._hashes.setdefault(c.seq_id, [])
                 self._published.setdefault(c.seq_id, 0)
-        logits = logits.float()
-        return list(logits.split([c.num_logits for c in chunks]))
+        logits = logits.float()                                                   # [sum num_logits_i, vocab]
+        return ForwardOutput(list(logits.split([c.num_logits for c in chunks])), cached)
 
     # ---- prefix cache -------------------------------------------------------------------------------------
     def _load_prefixes(self, chunks: list[SequenceChunk]) -> tuple[list[SequenceChunk], list[int], list[int]]:

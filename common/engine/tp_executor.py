@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from common.config import EngineConfig
 from common.distributed import TPGroup, free_port, init_tp_group
+from common.engine.forward_io import ForwardOutput, SequenceChunk
 from common.engine.model_runner import ModelRunner
 from common.errors import SpecdError
 
@@ -88,7 +89,7 @@ class TPExecutor:
         log.info("tensor parallel group up: %d ranks (%s)", config.tp_size, init_method)
 
     # ---- the replayed calls -------------------------------------------------------------------------------
-    def forward(self, chunks):
+    def forward(self, chunks: list[SequenceChunk]) -> ForwardOutput:
         return self._call("forward", chunks)
 
     def truncate(self, seq_id: int, new_len: int) -> None:
@@ -114,11 +115,6 @@ class TPExecutor:
     @property
     def allocator(self):
         return self.runner.allocator
-
-    @property
-    def last_cached_tokens(self) -> list[int]:
-        """Per chunk of the last forward: leading tokens loaded from the prefix cache instead of computed."""
-        return self.runner.last_cached_tokens
 
     def shutdown(self) -> None:
         self.runner.close()

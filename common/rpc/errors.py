@@ -1,25 +1,28 @@
-"""Engine exceptions -> gRPC status codes, in one place (servicers never choose codes themselves)."""
+"""Engine exceptions -> gRPC status codes, in one place, by type (servicers never choose codes themselves)."""
 from __future__ import annotations
 
 import grpc
 
-from common.errors import (CheckpointError, ConfigError, KVCacheExhaustedError, SequenceTooLongError, SpecdError)
+from common.errors import (ConfigError, EngineStoppedError, KVCacheExhaustedError, QueueFullError,
+                           RoundMismatchError, SequenceTooLongError, SpecdError, TokenizerMismatchError,
+                           UnknownSessionError)
+
+# First match wins: specific types before the bases they share (ConfigError is a ValueError, all are SpecdError).
+_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], grpc.StatusCode], ...] = (
+    ((RoundMismatchError, TokenizerMismatchError), grpc.StatusCode.FAILED_PRECONDITION),
+    (UnknownSessionError, grpc.StatusCode.NOT_FOUND),
+    ((QueueFullError, KVCacheExhaustedError), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (EngineStoppedError, grpc.StatusCode.UNAVAILABLE),
+    ((SequenceTooLongError, ConfigError, ValueError), grpc.StatusCode.INVALID_ARGUMENT),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (SpecdError, grpc.StatusCode.FAILED_PRECONDITION),      # CheckpointError, UnsupportedModelError, ...
+)
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    name = type(exc).__name__
-    if name in ("RoundMismatchError", "TokenizerMismatchError"):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if name == "UnknownSessionError":
-        return grpc.StatusCode.NOT_FOUND
-    if name.endswith("QueueFullError") or isinstance(exc, KVCacheExhaustedError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, (SequenceTooLongError, ConfigError, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    if isinstance(exc, (CheckpointError, SpecdError)):
-        return grpc.StatusCode.FAILED_PRECONDITION
+    for types, code in _CODES:
+        if isinstance(exc, types):
+            return code
     return grpc.StatusCode.INTERNAL
 
 

@@ -48,8 +48,14 @@ def verifier(folder, tmp_path_factory):
     svc.stop()
 
 
+def prefill(session_id, tokens, **kw):
+    """A new session's first round: every committed token, no drafts (the verifier has no separate Prefill)."""
+    return verifier_pb2.VerifyRequest(session_id=session_id, round=0, committed_len=len(tokens), new_tokens=tokens,
+                                      **kw)
+
+
 def assert_serving(verifier):
-    reply = verifier.stub.Prefill(verifier_pb2.PrefillRequest(session_id="valid", token_ids=[4, 5, 6]), timeout=30)
+    reply = verifier.stub.Verify(prefill("valid", [4, 5, 6]), timeout=30)
     assert 0 <= reply.next_token_id < 128 and reply.rollback.truncate_to == 3
     assert verifier.stub.Release(verifier_pb2.ReleaseRequest(session_id="valid"), timeout=30).released
     assert verifier.proc.poll() is None
@@ -92,11 +98,12 @@ BAD_CALLS = [
     ("token id = vocab size", lambda s: verify(new_tokens=[4, 128, 6]), INVALID, ["new_tokens", "[0, 128)"]),
     ("negative token id", lambda s: verify(new_tokens=[-5, 1, 2]), INVALID, ["new_tokens", "[0, 128)"]),
     ("K above k_max", lambda s: verify(draft_token_ids=list(range(1, 10))), INVALID, ["K=9", "[0, 8]"]),
-    ("draft id outside vocab", lambda s: verify(draft_token_ids=[7, 200]), INVALID, ["draft token id", "[0, 128)"]),
+    ("draft id outside vocab", lambda s: verify(draft_token_ids=[7, 200]), INVALID,
+     ["draft_token_ids[1]=200", "[0, 128)"]),
     ("past the context limit", lambda s: verify(committed_len=1020, new_tokens=[1] * 1020, draft_token_ids=[1] * 8),
-     INVALID, ["committed_len=1020 + K=8", "max_model_len=1024"]),
+     INVALID, ["committed_len: 1020 tokens + K=8", "max_model_len=1024"]),
     ("huge committed_len", lambda s: verify(committed_len=2**32 - 1), INVALID,
-     ["committed_len=4294967295", "max_model_len=1024"]),
+     ["committed_len: 4294967295 tokens", "max_model_len=1024"]),
     ("sampled without q'", lambda s: sampled([]), INVALID, ["one draft distribution per drafted token", "K=2"]),
     ("q' not summing to 1", lambda s: sampled([dist([7], [0.5]), dist([8], [1.0])]), INVALID,
      ["position 0", "sum to 0.500000", "1 ± 0.001"]),
@@ -131,14 +138,12 @@ BAD_CALLS = [
     ("committed_len out of step", lambda s: verify(session_id="step", round=2, committed_len=9,
                                                    new_tokens=[session_at_round_2(s, "step")]), PRECONDITION,
      ["committed_len=9", "holds 4 tokens + 1 new"]),
-    ("prefill without tokens", lambda s: ("Prefill", verifier_pb2.PrefillRequest(session_id="p")), INVALID,
-     ["token_ids: empty"]),
-    ("prefill past the context limit", lambda s: ("Prefill", verifier_pb2.PrefillRequest(
-        session_id="p", token_ids=[1] * 1100)), INVALID, ["token_ids: 1100 tokens", "max_model_len=1024"]),
-    ("prefill token outside vocab", lambda s: ("Prefill", verifier_pb2.PrefillRequest(
-        session_id="p", token_ids=[1, 128])), INVALID, ["token_ids", "[0, 128)"]),
-    ("prefill with empty session id", lambda s: ("Prefill", verifier_pb2.PrefillRequest(token_ids=[1])), INVALID,
-     ["session_id", "1..128"]),
+    ("prefill without tokens", lambda s: ("Verify", prefill("p", [])), INVALID, ["new_tokens: empty"]),
+    ("prefill past the context limit", lambda s: ("Verify", prefill("p", [1] * 1100)), INVALID,
+     ["committed_len: 1100 tokens + K=0", "max_model_len=1024"]),
+    ("prefill token outside vocab", lambda s: ("Verify", prefill("p", [1, 128])), INVALID,
+     ["new_tokens", "[0, 128)"]),
+    ("prefill with empty session id", lambda s: ("Verify", prefill("", [1])), INVALID, ["session_id", "1..128"]),
     ("oversized message", lambda s: ("Verify", verifier_pb2.VerifyRequest(session_id="x" * (17 << 20))),
      grpc.StatusCode.RESOURCE_EXHAUSTED, ["larger than max"]),
 ]
@@ -211,17 +216,22 @@ def test_random_messages_never_crash_the_verifier_nor_leak(verifier):
     def verify_(req):
         call("Verify", req)
 
+    def as_prefill(req):                        # what Prefill was: round 0, every committed token, no drafts
+        req.round, req.committed_len = 0, len(req.new_tokens)
+        del req.draft_token_ids[:], req.draft_dists[:]
+        return req
+
     @settings(max_examples=200, **fuzz)
-    @given(messages(verifier_pb2.PrefillRequest, hints=hints))
-    def prefill(req):
-        call("Prefill", req)
+    @given(messages(verifier_pb2.VerifyRequest, hints=hints).map(as_prefill))
+    def prefill_(req):
+        call("Verify", req)
 
     @settings(max_examples=100, **fuzz)
     @given(messages(verifier_pb2.ReleaseRequest, hints=hints))
     def release(req):
         call("Release", req)
 
-    verify_(), prefill(), release()
+    verify_(), prefill_(), release()
     assert verifier.proc.poll() is None
     for sid in opened:                      # the client's part of the protocol: release what it opened
         verifier.stub.Release(verifier_pb2.ReleaseRequest(session_id=sid), timeout=30)
@@ -247,8 +257,7 @@ def test_64_clients_against_a_bounded_queue_are_admitted_or_refused_at_once(veri
             sid, n = f"load-{i}-{n}", n + 1
             t = time.perf_counter()
             try:
-                reply = verifier.stub.Prefill(verifier_pb2.PrefillRequest(session_id=sid, token_ids=prompts[p]),
-                                              timeout=60)
+                reply = verifier.stub.Verify(prefill(sid, prompts[p]), timeout=60)
             except grpc.RpcError as e:
                 if e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in e.details():
                     refused.append(time.perf_counter() - t)

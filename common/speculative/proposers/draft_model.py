@@ -12,7 +12,7 @@ import torch
 from common.speculative.proposal import DraftProposal, SparseDistribution
 from common.speculative.proposers import ProposeRequest
 from common.speculative.sampling import PURPOSE_DRAFT, make_generator, sample_from, truncate_distribution
-from common.engine.model_runner import SequenceChunk
+from common.engine.forward_io import SequenceChunk
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -40,13 +40,14 @@ class DraftModelProposer:
             return []
         proposals = [DraftProposal([], None if r.params.greedy else []) for r in requests]
         chunks = []
-        for r in requests:
-            chunks.append(SequenceChunk(r.seq_id, self._sync(r.seq_id, r.context)))
+        for r, proposal in zip(requests, proposals):
+            proposal.cached_tokens = self._sync(r.seq_id, r.context)
+            chunks.append(SequenceChunk(r.seq_id, r.context[proposal.cached_tokens:]))
         active = list(range(len(requests)))
         step = 0
         while active:
             try:
-                logits = self.runner.forward(chunks)             # one [1, vocab] per active request
+                logits = self.runner.forward(chunks).logits      # one [1, vocab] per active request
             except Exception:
                 for r in requests:                               # the cache is soft: forget, never mis-serve
                     self.release(r.seq_id)
@@ -64,12 +65,8 @@ class DraftModelProposer:
             step += 1
         return proposals
 
-    def cached_prefix(self, seq_id: int, context: list[int]) -> int:
-        """Tokens of `context` this proposer's KV already holds for the sequence."""
-        return min(common_prefix_len(self._kv_tokens.get(seq_id, []), context), max(0, len(context) - 1))
-
-    def _sync(self, seq_id: int, context: list[int]) -> list[int]:
-        """Roll the draft KV back to its longest prefix shared with `context`; return the tokens to feed."""
+    def _sync(self, seq_id: int, context: list[int]) -> int:
+        """Roll the draft KV back to its longest prefix shared with `context`; return how many tokens it kept."""
         if not context:
             raise ValueError(f"sequence {seq_id}: empty context")
         cached = self._kv_tokens.get(seq_id, [])
@@ -77,7 +74,7 @@ class DraftModelProposer:
         if seq_id in self._kv_tokens:
             self.runner.truncate(seq_id, keep)
         self._kv_tokens[seq_id] = list(context)
-        return context[keep:]
+        return keep
 
     def _draw(self, logits: torch.Tensor, r: ProposeRequest, step: int, proposal: DraftProposal) -> int:
         # logits [vocab]

@@ -24,9 +24,9 @@ def test_rollback_then_extend_equals_fresh_prefill(runner, n, k, j):
     runner.forward([SequenceChunk(1, drafts, num_logits=k)])        # verify K drafts
     runner.truncate(1, n + j)                                       # keep j of them
     assert runner.num_tokens(1) == n + j
-    rolled = runner.forward([SequenceChunk(1, after, num_logits=3)])[0]
+    rolled = runner.forward([SequenceChunk(1, after, num_logits=3)]).logits[0]
     tokens = prompt + drafts[:j] + after
-    fresh = runner.forward([SequenceChunk(2, tokens, num_logits=len(tokens))])[0][-3:]
+    fresh = runner.forward([SequenceChunk(2, tokens, num_logits=len(tokens))]).logits[0][-3:]
     assert torch.equal(rolled.argmax(-1), fresh.argmax(-1))
     assert (rolled - fresh).abs().max().item() <= 1e-5
     # the rollback freed exactly the blocks past n + j (+3 new tokens)

@@ -12,11 +12,11 @@ def _script(ex):
     g = torch.Generator().manual_seed(7)
     a, b = torch.randint(0, 128, (19,), generator=g).tolist(), torch.randint(0, 128, (6,), generator=g).tolist()
     out = []
-    out += ex.forward([SequenceChunk(0, a, num_logits=19), SequenceChunk(1, b, num_logits=6)])   # prefill
-    out += ex.forward([SequenceChunk(0, [3]), SequenceChunk(1, [4])])                           # decode
-    out += ex.forward([SequenceChunk(0, [5, 6, 7, 8, 9], num_logits=5)])                        # verify K=4
-    ex.truncate(0, 22)                                                                          # rollback
-    out += ex.forward([SequenceChunk(0, [10, 11], num_logits=2), SequenceChunk(1, [12])])
+    out += ex.forward([SequenceChunk(0, a, num_logits=19), SequenceChunk(1, b, num_logits=6)]).logits   # prefill
+    out += ex.forward([SequenceChunk(0, [3]), SequenceChunk(1, [4])]).logits                           # decode
+    out += ex.forward([SequenceChunk(0, [5, 6, 7, 8, 9], num_logits=5)]).logits                        # verify K=4
+    ex.truncate(0, 22)                                                                                 # rollback
+    out += ex.forward([SequenceChunk(0, [10, 11], num_logits=2), SequenceChunk(1, [12])]).logits
     return out
 
 
@@ -41,5 +41,5 @@ def test_tp2_errors_reach_the_caller_and_the_group_keeps_working(tiny_checkpoint
                                  max_model_len=40)) as ex:
         with pytest.raises(ValueError, match="outside the vocabulary"):
             ex.forward([SequenceChunk(0, [999])])
-        logits = ex.forward([SequenceChunk(0, [1, 2, 3])])
-        assert logits[0].shape == (1, 128)
+        out = ex.forward([SequenceChunk(0, [1, 2, 3])])
+        assert out.logits[0].shape == (1, 128) and out.cached_tokens == [0]

@@ -29,7 +29,7 @@ def _runner(ckpt, cache: PrefixCacheConfig | None, tp=1):
 
 
 def _prefill_and_commit(runner, seq, tokens):
-    [logits] = runner.forward([SequenceChunk(seq, tokens)])
+    [logits] = runner.forward([SequenceChunk(seq, tokens)]).logits
     runner.truncate(seq, len(tokens))                   # the round's rollback publishes the full blocks
     return logits
 
@@ -45,7 +45,7 @@ def reference(ckpt):
     r = _runner(ckpt, None)
     out = {}
     for turn in ([1, 2, 3], [9, 8, 7, 6]):
-        out[tuple(turn)] = r.forward([SequenceChunk(1, SYSTEM + turn)])[0]
+        out[tuple(turn)] = r.forward([SequenceChunk(1, SYSTEM + turn)]).logits[0]
         r.free(1)
     return out
 
@@ -54,8 +54,9 @@ def test_local_hit_computes_only_the_rest_and_matches(ckpt, reference):
     r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
     _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
     _flush(r)
-    logits = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6])])[0]
-    assert r.last_cached_tokens == [2 * BS]
+    fwd = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6])])
+    [logits] = fwd.logits
+    assert fwd.cached_tokens == [2 * BS]
     assert r.num_tokens(2) == len(SYSTEM) + 4
     torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
     r.free(1), r.free(2)
@@ -67,8 +68,9 @@ def test_a_batch_mixing_hits_and_misses(ckpt, reference):
     r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
     _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
     _flush(r)
-    a, b = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6]), SequenceChunk(3, [5] * 20)])
-    assert r.last_cached_tokens == [2 * BS, 0]
+    fwd = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6]), SequenceChunk(3, [5] * 20)])
+    a, b = fwd.logits
+    assert fwd.cached_tokens == [2 * BS, 0]
     torch.testing.assert_close(a, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
     r.close()
 
@@ -77,10 +79,10 @@ def test_short_prompts_and_logit_positions_are_always_computed(ckpt):
     r = _runner(ckpt, PrefixCacheConfig(local_mib=16))
     _prefill_and_commit(r, 1, SYSTEM[:32])              # exactly 2 full blocks
     _flush(r)
-    r.forward([SequenceChunk(2, SYSTEM[:32])])          # the last token needs logits: only block 1 loads
-    assert r.last_cached_tokens == [BS]
-    r.forward([SequenceChunk(3, SYSTEM[:32] + [4, 5], num_logits=3)])
-    assert r.last_cached_tokens == [BS]                 # 34 tokens, 3 with logits: 31 cacheable = 1 block
+    fwd = r.forward([SequenceChunk(2, SYSTEM[:32])])    # the last token needs logits: only block 1 loads
+    assert fwd.cached_tokens == [BS]
+    fwd = r.forward([SequenceChunk(3, SYSTEM[:32] + [4, 5], num_logits=3)])
+    assert fwd.cached_tokens == [BS]                    # 34 tokens, 3 with logits: 31 cacheable = 1 block
     r.close()
 
 
@@ -90,8 +92,9 @@ def test_redis_shares_blocks_between_replicas(ckpt, reference, redis_server):
     _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
     _flush(first)
     assert len(redis_server.client().keys(KEY_PREFIX + "*")) == 2
-    logits = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])[0]
-    assert second.last_cached_tokens == [2 * BS]
+    fwd = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    [logits] = fwd.logits
+    assert fwd.cached_tokens == [2 * BS]
     torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
     assert len(second.prefix_cache.local) == 2          # a Redis hit is kept locally
     first.close(), second.close()
@@ -105,14 +108,15 @@ def test_collision_guard_refuses_and_deletes_a_mismatching_entry(ckpt, reference
     client = redis_server.client()
     key0, key1 = (KEY_PREFIX + h.hex() for h in first._hashes[1][:2])
     client.set(key1, client.get(key0))                   # block 1's key now holds block 0 (other token ids)
-    logits = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])[0]
-    assert second.last_cached_tokens == [BS]            # block 0 loaded, block 1 refused and recomputed
+    fwd = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    [logits] = fwd.logits
+    assert fwd.cached_tokens == [BS]                    # block 0 loaded, block 1 refused and recomputed
     assert client.get(key1) is None                     # ... and deleted
     torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
     client.set(key0, b"garbage")
     third = _runner(ckpt, cfg)
-    third.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
-    assert third.last_cached_tokens == [0] and client.get(key0) is None
+    fwd = third.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    assert fwd.cached_tokens == [0] and client.get(key0) is None
     first.close(), second.close(), third.close()
 
 
@@ -126,8 +130,8 @@ def test_redis_entries_expire(ckpt, redis_server):
     time.sleep(2.1)
     assert redis_server.client().keys(KEY_PREFIX + "*") == []
     late = _runner(ckpt, cfg)
-    late.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
-    assert late.last_cached_tokens == [0]
+    fwd = late.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    assert fwd.cached_tokens == [0]
     first.close(), late.close()
 
 
@@ -138,9 +142,10 @@ def test_redis_killed_is_bypassed_and_output_unchanged(ckpt, reference, redis_se
     _flush(r)
     redis_server.kill()
     t = time.perf_counter()
-    logits = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6])])[0]
+    fwd = r.forward([SequenceChunk(2, SYSTEM + [9, 8, 7, 6])])
+    [logits] = fwd.logits
     assert time.perf_counter() - t < 5
-    assert r.last_cached_tokens == [0]
+    assert fwd.cached_tokens == [0]
     torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
     r.truncate(2, len(SYSTEM) + 4)                       # publishing to a dead Redis is bypassed too
     _flush(r)
@@ -160,8 +165,9 @@ def test_garbage_from_redis_is_refused(ckpt, reference, redis_server):
         value[-1] ^= 0xFF                               # flips bits of the K/V payload: the header is intact
         client.set(key, bytes(value[:-3]))              # ...and the length is wrong
     reader = _runner(ckpt, cfg)
-    logits = reader.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])[0]
-    assert reader.last_cached_tokens == [0]
+    fwd = reader.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+    [logits] = fwd.logits
+    assert fwd.cached_tokens == [0]
     torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-5)
     writer.close(), reader.close()
 
@@ -194,16 +200,18 @@ def test_tensor_parallel_ranks_load_their_own_shards(ckpt, reference, redis_serv
     assert len(client.keys(KEY_PREFIX + "*")) == 4       # 2 blocks x 2 ranks, each its own shard
     second = _runner(ckpt, cfg, tp=2)
     try:
-        [logits] = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
-        assert second.last_cached_tokens == [2 * BS]
+        fwd = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+        [logits] = fwd.logits
+        assert fwd.cached_tokens == [2 * BS]
         torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-4)
     finally:
         second.shutdown()
     client.delete(rank0_block1)                          # one rank's shard of block 1 is gone...
     third = _runner(ckpt, cfg, tp=2)
     try:
-        [logits] = third.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
-        assert third.last_cached_tokens == [BS]          # ...so both ranks load block 0 only
+        fwd = third.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
+        [logits] = fwd.logits
+        assert fwd.cached_tokens == [BS]                # ...so both ranks load block 0 only
         torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-4)
     finally:
         third.shutdown()

@@ -25,9 +25,9 @@ def test_prefill_decode_and_extend_match_transformers(arch, tiny_checkpoints, hf
     ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = _reference(hf_models[arch], ids)
     runner = ModelRunner(EngineConfig(model=str(tiny_checkpoints[arch]), num_kv_blocks=32, block_size=4))
-    prefill = runner.forward([SequenceChunk(0, ids[:21], num_logits=21)])[0]   # crosses block boundaries
-    decode = runner.forward([SequenceChunk(0, ids[21:22])])[0]
-    extend = runner.forward([SequenceChunk(0, ids[22:40], num_logits=18)])[0]  # a K+1-token verify shape
+    prefill = runner.forward([SequenceChunk(0, ids[:21], num_logits=21)]).logits[0]   # crosses block boundaries
+    decode = runner.forward([SequenceChunk(0, ids[21:22])]).logits[0]
+    extend = runner.forward([SequenceChunk(0, ids[22:40], num_logits=18)]).logits[0]  # a K+1-token verify shape
     got = torch.cat([prefill, decode, extend])
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= TOL
@@ -39,9 +39,9 @@ def test_mixed_batch_equals_each_sequence_alone(arch, tiny_checkpoints, hf_model
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (3, 17, 9)]
     runner = ModelRunner(EngineConfig(model=str(tiny_checkpoints[arch]), num_kv_blocks=64, block_size=4))
-    first = runner.forward([SequenceChunk(i, p, num_logits=len(p)) for i, p in enumerate(prompts)])
+    first = runner.forward([SequenceChunk(i, p, num_logits=len(p)) for i, p in enumerate(prompts)]).logits
     extra = [[5, 6], [7], [8, 9, 10, 11]]
-    second = runner.forward([SequenceChunk(i, e, num_logits=len(e)) for i, e in enumerate(extra)])
+    second = runner.forward([SequenceChunk(i, e, num_logits=len(e)) for i, e in enumerate(extra)]).logits
     for i, p in enumerate(prompts):
         ref = _reference(hf_models[arch], p + extra[i])
         assert (first[i] - ref[:len(p)]).abs().max().item() <= TOL
@@ -52,8 +52,8 @@ def test_bfloat16_runs_close_to_float32(tiny_checkpoints):
     ids = list(range(1, 30))
     f32 = ModelRunner(EngineConfig(model=str(tiny_checkpoints["qwen2"]), num_kv_blocks=16))
     bf16 = ModelRunner(EngineConfig(model=str(tiny_checkpoints["qwen2"]), dtype="bfloat16", num_kv_blocks=16))
-    a = f32.forward([SequenceChunk(0, ids, num_logits=len(ids))])[0]
-    b = bf16.forward([SequenceChunk(0, ids, num_logits=len(ids))])[0]
+    a = f32.forward([SequenceChunk(0, ids, num_logits=len(ids))]).logits[0]
+    b = bf16.forward([SequenceChunk(0, ids, num_logits=len(ids))]).logits[0]
     assert b.dtype == torch.float32                              # logits are handed out in float32
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()

@@ -34,9 +34,9 @@ def test_logits_match_transformers_over_64_tokens(role, real_models):
     gc.collect()
     runner = ModelRunner(EngineConfig(model=str(path), kv_cache_memory_gib=0.25))
     # prefill 48, then a 1-token decode, then a 15-token extend: every path of the forward pass
-    got = torch.cat(runner.forward([SequenceChunk(0, ids[:48], num_logits=48)])
-                    + runner.forward([SequenceChunk(0, ids[48:49])])
-                    + runner.forward([SequenceChunk(0, ids[49:], num_logits=15)]))
+    got = torch.cat(runner.forward([SequenceChunk(0, ids[:48], num_logits=48)]).logits
+                    + runner.forward([SequenceChunk(0, ids[48:49])]).logits
+                    + runner.forward([SequenceChunk(0, ids[49:], num_logits=15)]).logits)
     diff = (got - ref).abs().max().item()
     assert diff <= 1e-3, f"{role}: max |Δlogits| = {diff}"
     del runner

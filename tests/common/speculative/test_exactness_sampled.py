@@ -42,7 +42,7 @@ def _exact(llm: LLM, params: SamplingParams):
     """p(x1), p(x2 | x1), p(x3 | x1, x2) enumerated with the target model: [V], [V, V], [V, V, V]."""
     runner = llm.target.runner
     def dist(contexts):
-        logits = runner.forward([SequenceChunk(1000 + i, PROMPT + c) for i, c in enumerate(contexts)])
+        logits = runner.forward([SequenceChunk(1000 + i, PROMPT + c) for i, c in enumerate(contexts)]).logits
         for i in range(len(contexts)):
             runner.free(1000 + i)
         return target_distribution(torch.cat(logits), params).double().numpy()
