@@ -1,4 +1,4 @@
-"""`specd verifier`: serve the target model (tensor-parallel) for Verify/Prefill/Release."""
+"""`specd verifier`: serve the target model (tensor-parallel) for Verify/Release."""
 from __future__ import annotations
 
 import argparse

@@ -48,7 +48,8 @@ class Replica:
         self.stub = verifier_pb2_grpc.VerifierServiceStub(self.channel)
 
     def prefill(self, session, tokens):
-        return self.stub.Prefill(verifier_pb2.PrefillRequest(session_id=session, token_ids=tokens), timeout=60)
+        request = verifier_pb2.VerifyRequest(session_id=session, round=0, committed_len=len(tokens), new_tokens=tokens)
+        return self.stub.Verify(request, timeout=60)               # every committed token, no drafts: a prefill
 
     def stop(self):
         self.channel.close()

@@ -7,16 +7,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class PrefillRequest(_message.Message):
-    __slots__ = ("session_id", "token_ids", "sampling")
-    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    session_id: str
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    sampling: _common_pb2.SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
-
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "round", "committed_len", "new_tokens", "draft_token_ids", "draft_dists", "sampling")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

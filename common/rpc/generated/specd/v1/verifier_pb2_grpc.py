@@ -28,6 +28,8 @@ if _version_not_supported:
 
 class VerifierServiceStub:
     """Verifies draft tokens with the target model; sessions hold paged KV; rank 0 of a TP group serves it.
+    There is no separate Prefill RPC: a Verify that carries every committed token (new_tokens length ==
+    committed_len), with or without drafts, creates the session and prefills it; one path for start and resync.
     """
 
     def __init__(self, channel):
@@ -36,11 +38,6 @@ class VerifierServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
-                '/specd.v1.VerifierService/Prefill',
-                request_serializer=specd_dot_v1_dot_verifier__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=specd_dot_v1_dot_verifier__pb2.VerifyReply.FromString,
-                _registered_method=True)
         self.Verify = channel.unary_unary(
                 '/specd.v1.VerifierService/Verify',
                 request_serializer=specd_dot_v1_dot_verifier__pb2.VerifyRequest.SerializeToString,
@@ -60,18 +57,16 @@ class VerifierServiceStub:
 
 class VerifierServiceServicer:
     """Verifies draft tokens with the target model; sessions hold paged KV; rank 0 of a TP group serves it.
+    There is no separate Prefill RPC: a Verify that carries every committed token (new_tokens length ==
+    committed_len), with or without drafts, creates the session and prefills it; one path for start and resync.
     """
-
-    def Prefill(self, request, context):
-        """Start a session from its prompt; returns the first token (a Verify with no drafts does the same).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request, context):
         """Append new tokens + drafts, verify with exact rejection sampling, roll back to the accepted prefix.
         Idempotent per (session, round): a retried round gets the same reply and leaves the KV unchanged.
+        Errors: NOT_FOUND for an unknown session that is not re-prefilled; FAILED_PRECONDITION when the round or
+        committed_len does not follow the session (the message names the expected round; the gateway resyncs
+        by re-prefilling, so no trailer carries it); RESOURCE_EXHAUSTED when the verify queue is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,11 +89,6 @@ class VerifierServiceServicer:
 
 def add_VerifierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=specd_dot_v1_dot_verifier__pb2.PrefillRequest.FromString,
-                    response_serializer=specd_dot_v1_dot_verifier__pb2.VerifyReply.SerializeToString,
-            ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
                     request_deserializer=specd_dot_v1_dot_verifier__pb2.VerifyRequest.FromString,
@@ -124,34 +114,9 @@ def add_VerifierServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class VerifierService:
     """Verifies draft tokens with the target model; sessions hold paged KV; rank 0 of a TP group serves it.
+    There is no separate Prefill RPC: a Verify that carries every committed token (new_tokens length ==
+    committed_len), with or without drafts, creates the session and prefills it; one path for start and resync.
     """
-
-    @staticmethod
-    def Prefill(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/specd.v1.VerifierService/Prefill',
-            specd_dot_v1_dot_verifier__pb2.PrefillRequest.SerializeToString,
-            specd_dot_v1_dot_verifier__pb2.VerifyReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def Verify(request,
