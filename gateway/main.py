@@ -9,13 +9,10 @@ import time
 
 import grpc
 
+from common.errors import TokenizerMismatchError
 from common.rpc.flags import add_server_flags, env_default, server_config
 
 log = logging.getLogger("specd.gateway")
-
-
-class TokenizerMismatchError(RuntimeError):
-    """Draft, verifier and gateway must share one tokenizer, or token ids mean different things."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
