@@ -1,1 +1,1 @@
-"""specd common code: config, engine (models, layers, kv, spec), rpc helpers, telemetry."""
+"""specd common code: config, the engine (models, layers, kv, engine, speculative), rpc helpers, telemetry."""

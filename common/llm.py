@@ -13,12 +13,15 @@ from common.engine.model_runner import ModelRunner, SequenceChunk
 from common.engine.tp_executor import TPExecutor
 from common.errors import ConfigError
 from common.speculative.adaptive_k import AdaptiveK, CostModel
-from common.speculative.decoder import Request, SpeculativeDecoder, SpecStats
+from common.speculative.decoder import SpeculativeDecoder
 from common.speculative.proposers.draft_model import DraftModelProposer
 from common.speculative.proposers.ngram import NgramProposer
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
+from common.speculative.request import Request, parse_num_speculative_tokens
+from common.speculative.stats import RequestStats
 from common.tokenizer import (cut_at_stop, encode_prompt, load_tokenizer, stop_string_checker, stop_token_ids,
                               vocab_fingerprint)
+from common.validation import check_token_ids
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
@@ -29,23 +32,11 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
-    stats: SpecStats
+    stats: RequestStats
 
     def as_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
                 "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.as_dict()}
-
-
-def parse_num_speculative_tokens(value, k_max: int) -> int | str:
-    if value == "auto":
-        return "auto"
-    try:
-        k = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"num_speculative_tokens={value!r}: must be an integer in [0, {k_max}] or 'auto'") from None
-    if not 0 <= k <= k_max:
-        raise ConfigError(f"num_speculative_tokens={k}: must be in [0, {k_max}] (k_max={k_max}) or 'auto'")
-    return k
 
 
 class LLM:
@@ -122,13 +113,9 @@ class LLM:
         return [self._output(r) for r in requests]
 
     def _make_request(self, ids: list[int], params: SamplingParams, k, costs) -> Request:
-        if not ids:
-            raise ValueError("prompt: empty (no tokens)")
+        check_token_ids("prompt", ids, self.target.model_config.vocab_size)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens, must be < max_model_len={self.max_model_len}")
-        vocab = self.target.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt: token id outside the vocabulary [0, {vocab})")
         controller = AdaptiveK(self.k_max, costs) if k == "auto" and costs is not None else None
         return Request(list(ids), params, controller=controller, fixed_k=0 if k == "auto" else k)
 

@@ -134,8 +134,8 @@ async def serve(args) -> None:
     from common.rpc.generated.specd.v1 import draft_pb2_grpc, gateway_pb2_grpc, verifier_pb2_grpc
     from common.rpc.server import ServiceHost
     from common.speculative.adaptive_k import CostModel
+    from common.speculative.request import parse_num_speculative_tokens
     from common.tokenizer import load_tokenizer, stop_string_checker, stop_token_ids, vocab_fingerprint
-    from common.llm import parse_num_speculative_tokens
     from common.telemetry import metrics
     from common.telemetry.client_interceptors import TracingAioClientInterceptor
     from common.telemetry.server_interceptor import server_interceptors
