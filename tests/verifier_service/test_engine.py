@@ -1,4 +1,5 @@
-"""The verifier engine without gRPC: sessions, idempotent rounds, continuous batching, release."""
+"""The verifier engine without gRPC: sessions, idempotent rounds, continuous batching, release; its engine thread
+when callers give up or a batch fails."""
 import threading
 
 import pytest
@@ -99,3 +100,49 @@ def test_concurrent_sessions_share_forward_passes_and_release_frees_blocks(engin
 def test_bad_calls_are_refused_before_queueing(engine, call, match):
     with pytest.raises(ValueError, match=match):
         engine.submit(call)
+
+
+# ---- the engine thread survives callers that give up and batches that fail ---------------------------------------
+def _call(sid, tokens, drafts=(), params=SamplingParams()):
+    return VerifyCall(sid, 0, len(tokens), list(tokens), DraftProposal(list(drafts)), params)
+
+
+def test_a_call_whose_caller_gave_up_is_skipped_and_the_engine_goes_on(engine):
+    entered, gate, forward = threading.Event(), threading.Event(), engine.executor.forward
+
+    def held_forward(chunks):
+        entered.set()
+        gate.wait(30)
+        return forward(chunks)
+    engine.executor.forward = held_forward
+    try:
+        busy = engine.submit(_call("busy", [1, 2, 3]))
+        assert entered.wait(30)
+        abandoned = engine.submit(_call("gone", [4, 5, 6]))
+        assert abandoned.cancel()                             # what grpc does when the RPC is cancelled
+        gate.set()
+        busy.result(30)
+        assert engine.submit(_call("next", [7, 8, 9])).result(30).truncate_to == 3
+    finally:
+        gate.set()
+    assert engine.sessions.get("gone") is None                # skipped: no session, no KV
+    for sid in ("busy", "next"):
+        engine.release(sid)
+    assert engine.executor.allocator.num_used == 0
+
+
+def test_a_batch_that_fails_drops_its_sessions_and_the_engine_goes_on(engine):
+    engine.submit(_call("kept", [1, 2, 3])).result(30)
+    sampler = engine.sampler
+
+    def broken(inputs):
+        raise RuntimeError("sampler blew up")
+    engine.sampler = broken
+    failed = engine.submit(VerifyCall("kept", 1, 4, [5], DraftProposal([6, 7]), SamplingParams()))
+    with pytest.raises(RuntimeError, match="sampler blew up"):
+        failed.result(30)
+    engine.sampler = sampler
+    assert engine.sessions.get("kept") is None                 # its KV held unverified drafts: dropped
+    assert engine.executor.allocator.num_used == 0
+    assert engine.submit(_call("after", [1, 2, 3], [4])).result(30).truncate_to >= 3
+    engine.release("after")

@@ -1,12 +1,11 @@
-"""The verifier service under bad input, random input and load (a real process on loopback, TP=1, tiny checkpoint),
-and its engine thread when callers give up or a batch fails: every bad request gets INVALID_ARGUMENT /
-FAILED_PRECONDITION / NOT_FOUND naming the field and the limit, a full queue is RESOURCE_EXHAUSTED at once, and
-afterwards no session and no KV block is left."""
+"""The verifier service under bad input, random input and load (a real process on loopback, TP=1, tiny checkpoint):
+every bad request gets INVALID_ARGUMENT / FAILED_PRECONDITION / NOT_FOUND naming the field and the limit, a full
+queue is RESOURCE_EXHAUSTED at once, and afterwards no session and no KV block is left. (The engine thread when
+callers give up or a batch fails: test_engine.py.)"""
 import collections
 import concurrent.futures as cf
 import math
 import random
-import threading
 import time
 
 import grpc
@@ -16,12 +15,10 @@ from hypothesis import strategies as st
 
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.speculative.proposal import DraftProposal
 from common.speculative.sampling import SamplingParams
 from tests.checkpoints import build_model_folder
 from tests.reliability import (EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, ServiceProcess, idle_state,
                                latency_figures, messages, record, wait_for_state)
-from verifier_service.engine import VerifyCall
 
 MAX_LEN = 1024
 MAX_QUEUE = 4
@@ -280,49 +277,3 @@ def test_64_clients_against_a_bounded_queue_are_admitted_or_refused_at_once(veri
                              "rejected": len(refused), "admitted_latency": latency_figures(admitted),
                              "rejection_latency": latency_figures(refused), "idle_after_s": round(settle_s, 3),
                              "leaked_sessions": 0, "leaked_kv_blocks": 0})
-
-
-# ---- the engine thread survives callers that give up and batches that fail ---------------------------------------
-def _call(sid, tokens, drafts=(), params=SamplingParams()):
-    return VerifyCall(sid, 0, len(tokens), list(tokens), DraftProposal(list(drafts)), params)
-
-
-def test_a_call_whose_caller_gave_up_is_skipped_and_the_engine_goes_on(engine):
-    entered, gate, forward = threading.Event(), threading.Event(), engine.executor.forward
-
-    def held_forward(chunks):
-        entered.set()
-        gate.wait(30)
-        return forward(chunks)
-    engine.executor.forward = held_forward
-    try:
-        busy = engine.submit(_call("busy", [1, 2, 3]))
-        assert entered.wait(30)
-        abandoned = engine.submit(_call("gone", [4, 5, 6]))
-        assert abandoned.cancel()                             # what grpc does when the RPC is cancelled
-        gate.set()
-        busy.result(30)
-        assert engine.submit(_call("next", [7, 8, 9])).result(30).truncate_to == 3
-    finally:
-        gate.set()
-    assert engine.sessions.get("gone") is None                # skipped: no session, no KV
-    for sid in ("busy", "next"):
-        engine.release(sid)
-    assert engine.executor.allocator.num_used == 0
-
-
-def test_a_batch_that_fails_drops_its_sessions_and_the_engine_goes_on(engine):
-    engine.submit(_call("kept", [1, 2, 3])).result(30)
-    sampler = engine.sampler
-
-    def broken(inputs):
-        raise RuntimeError("sampler blew up")
-    engine.sampler = broken
-    failed = engine.submit(VerifyCall("kept", 1, 4, [5], DraftProposal([6, 7]), SamplingParams()))
-    with pytest.raises(RuntimeError, match="sampler blew up"):
-        failed.result(30)
-    engine.sampler = sampler
-    assert engine.sessions.get("kept") is None                 # its KV held unverified drafts: dropped
-    assert engine.executor.allocator.num_used == 0
-    assert engine.submit(_call("after", [1, 2, 3], [4])).result(30).truncate_to >= 3
-    engine.release("after")
