@@ -47,7 +47,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         return _reply(result)
 
     async def Release(self, request, context):
-        released = await asyncio.get_running_loop().run_in_executor(None, self.engine.release, request.session_id)
+        try:
+            released = await asyncio.get_running_loop().run_in_executor(None, self.engine.release,
+                                                                        request.session_id)
+        except Exception as e:  # noqa: BLE001 - e.g. the engine is shutting down: UNAVAILABLE, not UNKNOWN
+            await abort_with(context, e)
         return verifier_pb2.ReleaseReply(released=released)
 
     async def Info(self, request, context):
