@@ -135,7 +135,8 @@ async def serve(args) -> None:
     from common.rpc.server import ServiceHost
     from common.speculative.adaptive_k import CostModel
     from common.speculative.request import parse_num_speculative_tokens
-    from common.tokenizer import load_tokenizer, stop_string_checker, stop_token_ids, vocab_fingerprint
+    from common.fast_tokenizer import load_fast_tokenizer
+    from common.tokenizer import stop_string_checker, stop_token_ids, vocab_fingerprint
     from common.telemetry import metrics
     from common.telemetry.client_interceptors import TracingAioClientInterceptor
     from common.telemetry.server_interceptor import server_interceptors
@@ -150,7 +151,8 @@ async def serve(args) -> None:
     if upstream_tls.insecure:
         log.warning("gateway: PLAINTEXT calls to the draft service and the verifier (--insecure/--upstream-insecure)")
     auth = api_key_interceptors(args, cfg.tls)
-    tokenizer = load_tokenizer(args.tokenizer or str(model_path(TARGET_MODEL)))
+    # torch-free (the gateway does no tensor math): same ids, text and vocab fingerprint as the services' tokenizer
+    tokenizer = load_fast_tokenizer(args.tokenizer or str(model_path(TARGET_MODEL)))
     fingerprint = vocab_fingerprint(tokenizer)
     tracing = setup_tracing(GATEWAY)
     traced = [TracingAioClientInterceptor(tracing)] if tracing is not None else None
