@@ -55,7 +55,7 @@ def main(argv=None) -> int:
 
     from common.distributed import free_port
     from common.llm import LLM
-    from common.speculative.sampling import SamplingParams
+    from common.speculative.params import SamplingParams
     from common.tokenizer import encode_prompt
     from gateway.client import SpecdClient
     from scripts.dev.topology import LocalTopology

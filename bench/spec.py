@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoModelForCausalLM
     from common.llm import LLM
-    from common.speculative.sampling import SamplingParams
+    from common.speculative.params import SamplingParams
     from common.tokenizer import encode_prompt
     pair = fetched_pair("bench-spec")
     if pair is None:

@@ -17,11 +17,11 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from common.engine.batch_worker import BatchWorker, Job
+from common.engine.batch_worker import BatchedEngine, BatchWorker, Job
 from common.errors import KVCacheExhaustedError
 from common.speculative.proposers.draft_model import DraftModelProposer
 from common.speculative.proposal import DraftProposal
-from common.speculative.proposers import ProposeRequest
+from common.speculative.proposers import ProposeInput
 from common.speculative.params import SamplingParams
 from common.telemetry.metrics import DRAFT_BATCH_SIZE
 from common.telemetry.tracing import attached, current_context
@@ -50,7 +50,7 @@ class DraftResult:
     batch_size: int
 
 
-class Drafter:
+class Drafter(BatchedEngine):
     def __init__(self, runner, k_max: int = 8, max_cached_sequences: int = 64, max_support: int = 32,
                  max_batch: int = 32, max_queue: int = 256):
         self.runner = runner
@@ -79,18 +79,6 @@ class Drafter:
         return self.submit(request_id, context, k, params, round_index).result(timeout)
 
     @property
-    def max_batch(self) -> int:
-        return self._worker.max_batch
-
-    @property
-    def queue_depth(self) -> int:
-        return self._worker.queue_depth
-
-    @property
-    def batch_sizes(self):
-        return self._worker.batch_sizes
-
-    @property
     def cached_sequences(self) -> int:
         return len(self._seq_of)
 
@@ -103,7 +91,7 @@ class Drafter:
         calls: list[ProposeCall] = [job.item for job in batch]
         start = time.perf_counter()
         seqs = [self._sequence_for(call.request_id) for call in calls]
-        requests = [ProposeRequest(seq, call.context, call.k, call.params, call.round_index)
+        requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index)
                     for seq, call in zip(seqs, calls)]
         with attached(calls[0].trace_context if len(calls) == 1 else None):   # cache spans join it
             proposals = self._propose(requests, seqs)
@@ -114,7 +102,7 @@ class Drafter:
                                               start - job.item.enqueued, len(batch)))
         return len(batch)
 
-    def _propose(self, requests: list[ProposeRequest], seqs: list[int]) -> list[DraftProposal]:
+    def _propose(self, requests: list[ProposeInput], seqs: list[int]) -> list[DraftProposal]:
         # Room first: the runner holds at most max_cached_sequences + 1 sequences, and a batch can bring several
         # new ones (a full cache + 2 new requests failed with "too many sequences").
         self._evict(keep=set(seqs), limit=max(self.max_cached_sequences, len(seqs)))

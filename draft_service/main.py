@@ -25,7 +25,7 @@ async def serve(args) -> None:
     from common.rpc.generated.specd.v1 import draft_pb2_grpc
     from common.rpc.model_info import model_info
     from common.rpc.server import ServiceHost
-    from common.speculative.sampling import SamplingParams
+    from common.speculative.params import SamplingParams
     from common.telemetry import metrics
     from common.telemetry.server_interceptor import server_interceptors
     from common.telemetry.tracing import DRAFT, setup_tracing, shutdown_tracing

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from common.engine.batch_worker import BatchWorker, Job
+from common.engine.batch_worker import BatchedEngine, BatchWorker, Job
 from common.engine.forward_io import SequenceChunk
 from common.errors import RoundMismatchError, SpecdError, UnknownSessionError
 from common.speculative.proposal import DraftProposal
@@ -41,12 +41,11 @@ class VerifyCall:
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it (set by the servicer)
 
 
-class VerifierEngine:
+class VerifierEngine(BatchedEngine):
     def __init__(self, executor, k_max: int = 8, max_queue: int = 256, max_batch: int = 64,
                  session_ttl_s: float = 300.0, max_sessions: int = 1024):
         self.executor = executor
         self.k_max = k_max
-        self.max_batch = max_batch
         self.vocab_size = executor.model_config.vocab_size
         self.max_model_len = executor.runner.max_model_len
         self.sessions = SessionTable(session_ttl_s, max_sessions)     # touched on the engine thread only
@@ -66,18 +65,9 @@ class VerifierEngine:
         """Free a session's KV; runs on the engine thread between passes, never waits behind the queue."""
         return self._worker.control(lambda: self._release(session_id)).result(timeout=60)
 
-    @property
-    def queue_depth(self) -> int:
-        return self._worker.queue_depth
-
-    @property
-    def batch_sizes(self):
-        """The sizes of the latest forward passes (tests read it)."""
-        return self._worker.batch_sizes
-
     def shutdown(self) -> None:
         self._worker.shutdown()
-        for session in list(self.sessions._sessions.values()):
+        for session in self.sessions.all():
             self.executor.free(session.seq_id)
 
     # ---- engine thread ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ async def serve(args) -> None:
     from verifier_service.engine import VerifierEngine, VerifyCall
     from verifier_service.servicer import VerifierServicer
     from common.speculative.proposal import DraftProposal
-    from common.speculative.sampling import SamplingParams
+    from common.speculative.params import SamplingParams
     from common.telemetry import metrics
     from common.telemetry.server_interceptor import server_interceptors
     from common.telemetry.tracing import VERIFIER, setup_tracing, shutdown_tracing

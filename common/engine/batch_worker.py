@@ -171,3 +171,21 @@ class BatchWorker(Generic[T]):
         for _, fut in controls:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(err)
+
+
+class BatchedEngine:
+    """What an engine built on a BatchWorker (`self._worker`) shows of it: its bound and its load."""
+    _worker: BatchWorker
+
+    @property
+    def max_batch(self) -> int:
+        return self._worker.max_batch
+
+    @property
+    def queue_depth(self) -> int:
+        return self._worker.queue_depth
+
+    @property
+    def batch_sizes(self) -> deque[int]:
+        """The sizes of the latest batches (tests read it)."""
+        return self._worker.batch_sizes

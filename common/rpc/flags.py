@@ -35,30 +35,35 @@ def add_server_flags(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def add_server_tls_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("TLS (a service refuses to start with neither certificates nor --insecure)")
-    g.add_argument("--tls-cert", default=env_default("tls_cert", None),
-                   help="PEM certificate chain this server presents (SPECD_TLS_CERT)")
-    g.add_argument("--tls-key", default=env_default("tls_key", None), help="its PEM private key (SPECD_TLS_KEY)")
-    g.add_argument("--tls-ca", default=env_default("tls_ca", None),
-                   help="PEM CA bundle: when given, clients MUST present a certificate signed by it (mTLS) "
-                        "(SPECD_TLS_CA)")
-    g.add_argument("--insecure", action="store_true", default=env_default("insecure", False),
-                   help="serve plaintext gRPC, for local development only; logs a warning (SPECD_INSECURE=1)")
+    _add_tls_flags(p, "TLS (a service refuses to start with neither certificates nor --insecure)",
+                   cert="PEM certificate chain this server presents (SPECD_TLS_CERT)",
+                   key="its PEM private key (SPECD_TLS_KEY)",
+                   ca="PEM CA bundle: when given, clients MUST present a certificate signed by it (mTLS) "
+                      "(SPECD_TLS_CA)",
+                   insecure="serve plaintext gRPC, for local development only; logs a warning (SPECD_INSECURE=1)")
 
 
 def add_client_tls_flags(p: argparse.ArgumentParser) -> None:
     """Flags of a command that calls a service (`specd health`, `specd generate --gateway`): TLS unless --insecure."""
-    g = p.add_argument_group("TLS (TLS with the system's roots unless told otherwise; plaintext only with --insecure)")
-    g.add_argument("--tls-ca", default=env_default("tls_ca", None),
-                   help="PEM CA bundle the server's certificate must chain to (SPECD_TLS_CA; default: system roots)")
-    g.add_argument("--tls-cert", default=env_default("tls_cert", None),
-                   help="client certificate, for servers that require one (mTLS) (SPECD_TLS_CERT)")
-    g.add_argument("--tls-key", default=env_default("tls_key", None), help="its private key (SPECD_TLS_KEY)")
-    g.add_argument("--tls-server-name", default=env_default("tls_server_name", None),
-                   help="name to expect in the server's certificate, when it is not the target's host "
-                        "(SPECD_TLS_SERVER_NAME)")
-    g.add_argument("--insecure", action="store_true", default=env_default("insecure", False),
-                   help="plaintext gRPC (SPECD_INSECURE=1)")
+    _add_tls_flags(p, "TLS (TLS with the system's roots unless told otherwise; plaintext only with --insecure)",
+                   cert="client certificate, for servers that require one (mTLS) (SPECD_TLS_CERT)",
+                   key="its private key (SPECD_TLS_KEY)",
+                   ca="PEM CA bundle the server's certificate must chain to (SPECD_TLS_CA; default: system roots)",
+                   server_name="name to expect in the server's certificate, when it is not the target's host "
+                               "(SPECD_TLS_SERVER_NAME)",
+                   insecure="plaintext gRPC (SPECD_INSECURE=1)")
+
+
+def _add_tls_flags(p: argparse.ArgumentParser, title: str, *, cert: str, key: str, ca: str, insecure: str,
+                   server_name: str | None = None) -> None:
+    """--tls-cert/--tls-key/--tls-ca[/--tls-server-name]/--insecure, each defaulting to its SPECD_* variable."""
+    g = p.add_argument_group(title)
+    g.add_argument("--tls-cert", default=env_default("tls_cert", None), help=cert)
+    g.add_argument("--tls-key", default=env_default("tls_key", None), help=key)
+    g.add_argument("--tls-ca", default=env_default("tls_ca", None), help=ca)
+    if server_name is not None:
+        g.add_argument("--tls-server-name", default=env_default("tls_server_name", None), help=server_name)
+    g.add_argument("--insecure", action="store_true", default=env_default("insecure", False), help=insecure)
 
 
 def tls_config(args):

@@ -13,7 +13,7 @@ import time
 from common.engine.model_runner import SequenceChunk
 from common.speculative.adaptive_k import CostModel
 from common.speculative.proposal import DraftProposal
-from common.speculative.proposers import ProposeRequest
+from common.speculative.proposers import ProposeInput
 from common.speculative.rejection import RejectionSampler, VerifyInput
 from common.speculative.request import Request, StopCheck, StopConditions, observe_pass_costs
 from common.speculative.stats import RequestStats
@@ -81,7 +81,7 @@ class SpeculativeDecoder:
     def _propose(self, batch: list[Request], ks: list[int]) -> tuple[list[DraftProposal], float | None]:
         """One proposal per request (empty where K = 0) and the seconds the proposer took (None: not called)."""
         proposals = [DraftProposal([], None if r.params.greedy else []) for r in batch]
-        wanted = [ProposeRequest(r.seq_id, r.context, k, r.params, r.stats.rounds)
+        wanted = [ProposeInput(r.seq_id, r.context, k, r.params, r.stats.rounds)
                   for r, k in zip(batch, ks) if k > 0]
         if not wanted:
             return proposals, None

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from common.speculative.outcome import VerifyOutcome
+from common.speculative.params import SamplingParams
 from common.speculative.proposal import DraftProposal, SparseDistribution
-from common.speculative.sampling import (PURPOSE_ACCEPT, PURPOSE_RESAMPLE, SamplingParams, make_generator, sample_from,
-                                  target_distribution, uniform)
+from common.speculative.sampling import (PURPOSE_ACCEPT, PURPOSE_RESAMPLE, make_generator, sample_from,
+                                         target_distribution, uniform)
 
 
 @dataclass(slots=True)

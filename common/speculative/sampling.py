@@ -9,7 +9,7 @@ import torch
 
 from common.speculative.params import SamplingParams
 
-__all__ = ["SamplingParams", "target_distribution", "truncate_distribution", "make_generator", "sample_from",
+__all__ = ["target_distribution", "truncate_distribution", "make_generator", "sample_from",
            "uniform", "stream_seed"]
 
 

@@ -43,7 +43,7 @@ def generate_in_process(args) -> int:
     from common.errors import SpecdError
     from common.llm import LLM
     from common.models.fetch import TARGET_MODEL, model_path
-    from common.speculative.sampling import SamplingParams
+    from common.speculative.params import SamplingParams
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 max_tokens=args.max_tokens, stop=args.stop or [], seed=args.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from common.llm import LLM
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from scripts.dev.demo_prompts import IN_PROCESS_PROMPTS
 
 

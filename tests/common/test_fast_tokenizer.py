@@ -1,4 +1,4 @@
-"""common/fast_tokenizer.py against transformers' tokenizer of the same folder (common.tokenizer.load_tokenizer).
+"""common/fast_tokenizer/ against transformers' tokenizer of the same folder (common.tokenizer.load_tokenizer).
 
 Each folder's pair of tokenizers is loaded once per module. The real Qwen2.5-Coder / SmolLM2 folders are
 `real_model` tests, skipped when not fetched; the tiny word-level folders (tests/checkpoints.py::build_tokenizer,

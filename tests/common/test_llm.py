@@ -3,7 +3,7 @@ import pytest
 
 from common.errors import ConfigError
 from common.llm import LLM
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from tests.checkpoints import build_model_folder
 
 

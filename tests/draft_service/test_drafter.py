@@ -4,7 +4,7 @@ import pytest
 
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from draft_service.drafter import Drafter
 from tests.checkpoints import build_model_folder
 from tests.draft_service.propose_gate import ProposeGate

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner
 from common.rpc.generated.specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from draft_service.drafter import Drafter
 from tests.checkpoints import build_model_folder
 from tests.reliability import EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, ServiceProcess, messages, record

@@ -10,7 +10,7 @@ import pytest
 from common.distributed import free_port
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from gateway.client import SpecdClient
 from scripts.dev.topology import LocalTopology
 from tests.checkpoints import build_model_folder, perturbed_copy

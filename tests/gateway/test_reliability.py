@@ -19,7 +19,7 @@ from common.distributed import free_port
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import gateway_pb2
 from common.rpc.health_check import check
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from gateway.client import SpecdClient
 from scripts.dev.topology import LocalTopology
 from tests.checkpoints import build_model_folder, perturbed_copy

@@ -11,7 +11,7 @@ from common.distributed import free_port
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2_grpc
 from common.rpc.tls import PLAINTEXT, sync_channel
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from gateway.client import SpecdClient
 from scripts.dev.topology import LocalTopology
 from tests.certs import write_pki

@@ -6,7 +6,7 @@ import pytest
 
 from common.llm import LLM
 from common.speculative.proposal import DraftProposal
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from common.errors import RoundMismatchError, UnknownSessionError
 from tests.checkpoints import build_model_folder
 from verifier_service.engine import VerifyCall

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from common.llm import LLM
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from tests.checkpoints import build_model_folder
 from tests.reliability import (EXPECTED_CODES, PLAUSIBLE_SAMPLING, TOKENS, ServiceProcess, idle_state,
                                latency_figures, messages, record, wait_for_state)

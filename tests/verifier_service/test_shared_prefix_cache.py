@@ -12,7 +12,7 @@ from common.llm import LLM
 from common.kv.prefix_cache import KEY_PREFIX
 from common.rpc.generated.specd.v1 import verifier_pb2, verifier_pb2_grpc
 from common.rpc.health_check import check
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 from tests.checkpoints import build_model_folder
 
 SYSTEM = [(31 * i + 7) % 120 + 1 for i in range(512)]      # 32 full blocks of 16

@@ -1,15 +1,19 @@
-"""What every proposer receives and must return; one verb: `propose`."""
+"""What every proposer receives and must return; one verb: `propose`.
+
+`ProposeInput` is the engine's view of one sequence to draft for; its wire form is the `ProposeRequest` protobuf
+message, which the draft service converts at its edge.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
 
-from common.speculative.proposal import DraftProposal
 from common.speculative.params import SamplingParams
+from common.speculative.proposal import DraftProposal
 
 
 @dataclass(slots=True)
-class ProposeRequest:
+class ProposeInput:
     seq_id: int
     context: list[int]             # every committed token of the sequence (prompt + output so far)
     k: int                         # tokens to propose, >= 1
@@ -18,6 +22,6 @@ class ProposeRequest:
 
 
 class Proposer(Protocol):
-    def propose(self, requests: list[ProposeRequest]) -> list[DraftProposal]: ...
+    def propose(self, requests: list[ProposeInput]) -> list[DraftProposal]: ...
 
     def release(self, seq_id: int) -> None: ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from common.speculative.proposal import DraftProposal, SparseDistribution
-from common.speculative.proposers import ProposeRequest
+from common.speculative.proposers import ProposeInput
 from common.speculative.sampling import PURPOSE_DRAFT, make_generator, sample_from, truncate_distribution
 from common.engine.forward_io import SequenceChunk
 
@@ -35,7 +35,7 @@ class DraftModelProposer:
     def vocab_size(self) -> int:
         return self.runner.model_config.vocab_size
 
-    def propose(self, requests: list[ProposeRequest]) -> list[DraftProposal]:
+    def propose(self, requests: list[ProposeInput]) -> list[DraftProposal]:
         if not requests:
             return []
         proposals = [DraftProposal([], None if r.params.greedy else []) for r in requests]
@@ -76,7 +76,7 @@ class DraftModelProposer:
         self._kv_tokens[seq_id] = list(context)
         return keep
 
-    def _draw(self, logits: torch.Tensor, r: ProposeRequest, step: int, proposal: DraftProposal) -> int:
+    def _draw(self, logits: torch.Tensor, r: ProposeInput, step: int, proposal: DraftProposal) -> int:
         # logits [vocab]
         if r.params.greedy:
             return int(logits.argmax())

@@ -6,7 +6,7 @@ sampler accepts d with probability p(d) and otherwise resamples from p without d
 from __future__ import annotations
 
 from common.speculative.proposal import DraftProposal, SparseDistribution
-from common.speculative.proposers import ProposeRequest
+from common.speculative.proposers import ProposeInput
 
 
 class NgramProposer:
@@ -17,10 +17,10 @@ class NgramProposer:
             raise ValueError(f"ngram sizes: need 1 <= min_n={min_n} <= max_n={max_n}")
         self.max_n, self.min_n, self.window = max_n, min_n, window
 
-    def propose(self, requests: list[ProposeRequest]) -> list[DraftProposal]:
+    def propose(self, requests: list[ProposeInput]) -> list[DraftProposal]:
         return [self._one(r) for r in requests]
 
-    def _one(self, r: ProposeRequest) -> DraftProposal:
+    def _one(self, r: ProposeInput) -> DraftProposal:
         ctx = r.context[-self.window:]
         tokens = self.lookup(ctx, r.k)
         dists = None if r.params.greedy else [SparseDistribution([t], [1.0]) for t in tokens]

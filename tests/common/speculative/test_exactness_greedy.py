@@ -2,7 +2,7 @@
 import pytest
 
 from common.llm import LLM
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 
 pytestmark = pytest.mark.real_model
 

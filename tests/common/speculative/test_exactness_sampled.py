@@ -21,7 +21,8 @@ from scipy.stats import chisquare
 from common.engine.model_runner import SequenceChunk
 from common.llm import LLM
 from common.speculative.rejection import RejectionSampler
-from common.speculative.sampling import SamplingParams, target_distribution
+from common.speculative.params import SamplingParams
+from common.speculative.sampling import target_distribution
 from tests.checkpoints import build_model_folder
 
 V = 16

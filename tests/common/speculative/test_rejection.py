@@ -3,7 +3,7 @@ import torch
 
 from common.speculative.proposal import DraftProposal, SparseDistribution
 from common.speculative.rejection import RejectionSampler, VerifyInput
-from common.speculative.sampling import SamplingParams
+from common.speculative.params import SamplingParams
 
 V = 10
 GREEDY = SamplingParams(temperature=0)

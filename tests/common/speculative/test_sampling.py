@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from common.speculative.sampling import (PURPOSE_ACCEPT, SamplingParams, make_generator, target_distribution,
-                                  truncate_distribution)
+from common.speculative.params import SamplingParams
+from common.speculative.sampling import (PURPOSE_ACCEPT, make_generator, target_distribution,
+                                         truncate_distribution)
 
 
 @pytest.mark.parametrize("kwargs,match", [
