@@ -4,6 +4,23 @@ from __future__ import annotations
 import pytest
 
 from tests.checkpoints import build_checkpoint
+from tests.memory_watch import MemoryWatch
+
+_memory = MemoryWatch()
+
+
+def pytest_sessionstart(session):
+    _memory.start()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _memory.current_test = nodeid
+
+
+def pytest_terminal_summary(terminalreporter):
+    _memory.stop()
+    terminalreporter.write_line(f"peak memory of the test run (pytest + its processes, RSS summed): "
+                                f"{_memory.peak_bytes / 2**30:.2f} GiB, during {_memory.peak_test or '-'}")
 
 
 @pytest.fixture(scope="session")
