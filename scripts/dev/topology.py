@@ -55,6 +55,14 @@ class LocalTopology:
         self._spawn_argv(name, [sys.executable, "-m", "scripts.cli", *level, *args])
 
     def _spawn_argv(self, name: str, argv: list[str]) -> None:
+        old = self.procs.get(name)
+        if old is not None:
+            try:
+                old.wait(timeout=5)                         # a process just killed may not be reaped yet
+            except subprocess.TimeoutExpired:
+                # Replacing it would orphan a live process (and gRPC's SO_REUSEPORT would let both serve).
+                raise RuntimeError(f"{name} is already running (pid {old.pid}): stop it first, or start the "
+                                   "new one under another name") from None
         # Each process leads its own process group (the verifier's TP ranks join it), so stopping a service is one
         # killpg, and a detached topology outlives the command that started it.
         out = open(self.log_dir / f"{name}.log", "w") if self.log_dir else None
