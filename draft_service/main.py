@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import time
 
@@ -50,7 +51,9 @@ async def serve(args) -> None:
     log.info("draft loaded %s in %.1fs", args.model, time.perf_counter() - t0)
 
     async def warm_up():
-        drafter.propose("__warmup__", [1, 2, 3, 4], 2, SamplingParams(), 0, timeout=600)
+        # awaited, never waited on: health probes keep answering (NOT_SERVING) while the first pass runs
+        await asyncio.wait_for(asyncio.wrap_future(drafter.submit("__warmup__", [1, 2, 3, 4], 2, SamplingParams(),
+                                                                  0)), timeout=600)
 
     async def drained():
         drafter.shutdown()

@@ -181,7 +181,8 @@ async def serve(args) -> None:
                     f"{v_info.vocab_fingerprint}: refusing to serve")
     eos = frozenset(stop_token_ids(tokenizer, tuple(v_info.eos_token_ids)))
     rounds = RoundRunner(verifier, draft, eos, v_info.max_model_len, settings, CostModel(),
-                         stop_check=stop_string_checker(tokenizer))
+                         stop_check=stop_string_checker(tokenizer), fingerprint=v_info.vocab_fingerprint,
+                         verifier_k_max=v_info.k_max)
     gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(rounds, tokenizer, k, args.k_max, v_info.vocab_size),
                                                    host.server)
     log.info("gateway: verifier %s (%s), draft %s, K=%s", args.verifier, v_info.model_id, args.draft or "none", k)

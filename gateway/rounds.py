@@ -17,18 +17,18 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
+from common.errors import RoundMismatchError
 from common.rpc.convert import sampling_to_pb
+from common.rpc.errors import reason_of
 from common.rpc.generated.specd.v1 import draft_pb2, verifier_pb2
 from common.speculative.adaptive_k import CostModel
 from common.speculative.outcome import VerifyOutcome
 from common.speculative.request import Request, StopCheck, StopConditions, observe_pass_costs
 from common.telemetry import metrics
+from gateway.draft_link import DraftLink
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
-
-_RESYNC_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
-
 
 @dataclass(slots=True)
 class RoundSettings:
@@ -42,34 +42,28 @@ class RoundSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
 
 
-class DraftAvailability:
-    """Circuit breaker for the draft service: down for `retry_s` after a failure, then probed again."""
-
-    def __init__(self, retry_s: float):
-        self.retry_s = retry_s
-        self.down_until = 0.0
-        self.failures = 0
-
-    def available(self) -> bool:
-        return time.monotonic() >= self.down_until
-
-    def failed(self, err: grpc.aio.AioRpcError) -> None:
-        self.failures += 1
-        self.down_until = time.monotonic() + self.retry_s
-        log.warning("draft service failed (%s: %s): plain decoding for %.1fs", err.code().name, err.details(),
-                    self.retry_s)
+def session_lost(err: grpc.aio.AioRpcError) -> bool:
+    """The verifier no longer holds the session as the gateway knows it: gone (NOT_FOUND), or out of step (a round
+    conflict). Only these re-prefill; any other FAILED_PRECONDITION is an error to report, not to paper over."""
+    code = err.code()
+    return code is grpc.StatusCode.NOT_FOUND or (
+        code is grpc.StatusCode.FAILED_PRECONDITION and reason_of(err) == RoundMismatchError.reason)
 
 
 class RoundRunner:
     def __init__(self, verifier, draft, eos: frozenset[int], max_model_len: int, settings: RoundSettings,
-                 costs: CostModel, stop_check: StopCheck | None = None):
+                 costs: CostModel, stop_check: StopCheck | None = None, *, fingerprint: str = "",
+                 verifier_k_max: int | None = None):
+        """`verifier`/`draft`: grpc.aio stubs (draft None: no speculation); `max_model_len`, `fingerprint` and
+        `verifier_k_max`: from the verifier's Info (the draft's own Info is checked by its DraftLink)."""
         self.verifier = verifier                 # VerifierServiceStub (grpc.aio)
         self.draft = draft                       # DraftServiceStub (grpc.aio) or None
         self.max_model_len = max_model_len
+        self.verifier_k_max = verifier_k_max
         self.stop = StopConditions(eos, max_model_len, stop_check)
         self.settings = settings
         self.costs = costs
-        self.draft_state = DraftAvailability(settings.draft_retry_s)
+        self.draft_link = DraftLink(draft, fingerprint, settings.draft_retry_s) if draft is not None else None
 
     async def run(self, r: Request, request_id: str | None = None) -> AsyncIterator[list[int]]:
         """Run rounds until `r` finishes; yield the tokens each round appended."""
@@ -81,8 +75,9 @@ class RoundRunner:
                 # The span ends before the yield: a suspended generator must not leave its context attached.
                 with tracer.start_as_current_span("round") as span:
                     t, index = time.perf_counter(), r.stats.rounds
-                    draft_down = self.draft is not None and not self.draft_state.available()
-                    k = r.choose_k(self.max_model_len, self.draft is not None and not draft_down)
+                    can_draft = self.draft_link is not None and await self.draft_link.ready()
+                    draft_down = self.draft_link is not None and not can_draft
+                    k = r.choose_k(self.max_model_len, can_draft, k_limit=self._k_limit(r) if can_draft else None)
                     draft, draft_s = await self._propose(r, request_id, k, sampling) if k else (None, None)
                     fallback = draft_down or (k > 0 and draft is None)
                     r.stats.fallback_rounds += fallback
@@ -102,6 +97,11 @@ class RoundRunner:
         finally:
             await self._release(session)
 
+    def _k_limit(self, r: Request) -> int:
+        """What the services accept: the draft's K and context limits, and the verifier's K limit."""
+        limit = self.draft_link.k_limit(len(r.context))
+        return limit if self.verifier_k_max is None else min(limit, self.verifier_k_max)
+
     async def _propose(self, r: Request, request_id: str, k: int,
                        sampling) -> tuple[draft_pb2.ProposeReply | None, float | None]:
         """The draft's reply, kept as it came (its q′ is forwarded to the verifier unread), and the call's
@@ -114,7 +114,7 @@ class RoundRunner:
         except grpc.aio.AioRpcError as e:
             if e.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 raise                                           # our own bug or bad input: do not hide it
-            self.draft_state.failed(e)
+            self.draft_link.failed(e)
             return None, None
         dt = time.perf_counter() - t
         metrics.DRAFT_LATENCY.observe(dt)
@@ -135,9 +135,11 @@ class RoundRunner:
             try:
                 reply = await self.verifier.Verify(req, timeout=self.settings.verify_timeout_s)
             except grpc.aio.AioRpcError as e:
-                if e.code() in _RESYNC_CODES and attempt == 0:
+                if attempt == 0 and session_lost(e):
                     log.warning("verifier lost session %s (%s): re-prefilling %d tokens", session, e.details(),
                                 len(r.context))
+                    if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                        await self._release(session)             # out of step, but still open there: free it
                     session = f"{request_id}-{r.stats.rounds}-resync"    # as long after many resyncs as after one
                     r.pending = list(r.context)
                     continue

@@ -26,10 +26,21 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+REASON_KEY = "specd-reason"       # trailing metadata of a failed call: the error type's stable `reason`
+
+
+def reason_of(err: grpc.RpcError) -> str | None:
+    """The `specd-reason` a specd service attached to a failed call, if any."""
+    trailing = err.trailing_metadata() or ()
+    return next((value for key, value in trailing if key == REASON_KEY), None)
+
+
 async def abort_with(context, exc: BaseException):
-    """Abort the RPC with the status that fits `exc` and its message (which names the field and limit)."""
+    """Abort the RPC with the status that fits `exc`, its message (which names the field and limit) and, for
+    specd's own errors, their `reason` in the trailing metadata."""
     code = status_for(exc)
     message = str(exc) or type(exc).__name__
     if code is grpc.StatusCode.INTERNAL:
         message = f"internal error: {type(exc).__name__}: {message}"
-    await context.abort(code, message)
+    trailing = ((REASON_KEY, exc.reason),) if isinstance(exc, SpecdError) else ()
+    await context.abort(code, message, trailing_metadata=trailing)

@@ -42,11 +42,14 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def choose_k(self, max_model_len: int, can_draft: bool) -> int:
-        """K for the next round: the controller's (or the fixed) choice, within the context and token budgets."""
+    def choose_k(self, max_model_len: int, can_draft: bool, k_limit: int | None = None) -> int:
+        """K for the next round: the controller's (or the fixed) choice, within the context and token budgets and
+        `k_limit` (what the draft and verifier services accept)."""
         if not can_draft:
             return 0
         room = max_model_len - len(self.context)           # the verifier's KV must hold committed + K tokens
+        if k_limit is not None:
+            room = min(room, k_limit)
         k = self.controller.choose(limit=room) if self.controller is not None else self.fixed_k
         return max(0, min(k, room, self.params.max_tokens - len(self.output_ids) - 1))
 

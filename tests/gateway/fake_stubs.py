@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from common.errors import RoundMismatchError, UnknownSessionError
+from common.rpc.errors import REASON_KEY
 from common.rpc.generated.specd.v1 import common_pb2, draft_pb2, verifier_pb2
 
 VOCAB = 50
@@ -25,8 +27,13 @@ def target_output(prompt: list[int], max_tokens: int, eos: int | None = None) ->
     return out
 
 
-def rpc_error(code: grpc.StatusCode, details: str = "injected") -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+FINGERPRINT = "fake-vocab-fp"
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "injected", reason: str | None = None) -> grpc.aio.AioRpcError:
+    """An AioRpcError as a specd service sends it: `reason` in the `specd-reason` trailing metadata."""
+    trailing = grpc.aio.Metadata(*(((REASON_KEY, reason),) if reason else ()))
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)
 
 
 @dataclass
@@ -65,10 +72,12 @@ class FakeVerifier:
         s = self.sessions.get(req.session_id)
         if s is None:
             if len(req.new_tokens) != req.committed_len:
-                raise rpc_error(grpc.StatusCode.NOT_FOUND, f"session {req.session_id} not found")
+                raise rpc_error(grpc.StatusCode.NOT_FOUND, f"session {req.session_id} not found",
+                                UnknownSessionError.reason)
             s = self.sessions[req.session_id] = Session([], req.round)
         if req.round != s.round or len(s.tokens) + len(req.new_tokens) != req.committed_len:
-            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, f"expects round {s.round}, got {req.round}")
+            raise rpc_error(grpc.StatusCode.FAILED_PRECONDITION, f"expects round {s.round}, got {req.round}",
+                            RoundMismatchError.reason)
         s.tokens += req.new_tokens
         accepted = []
         for d in req.draft_token_ids:
@@ -96,11 +105,21 @@ class FakeDraft:
     """Proposes K tokens by `rule`, except at absolute positions where `miss(position)` is true (there it proposes
     a wrong token); sampled requests get a two-token q′ per position. `faults`: {call index: code to raise}."""
 
-    def __init__(self, miss=lambda position: False, faults=None):
+    def __init__(self, miss=lambda position: False, faults=None, fingerprint=FINGERPRINT, k_max=8,
+                 max_model_len=4096, info_faults=()):
         self.miss, self.faults = miss, dict(faults or {})
+        self.info = common_pb2.ModelInfo(vocab_fingerprint=fingerprint, k_max=k_max, max_model_len=max_model_len)
+        self.info_faults = set(info_faults)                  # Info call indices that fail UNAVAILABLE
+        self.info_calls = 0
         self.requests: list[draft_pb2.ProposeRequest] = []
         self.answered: list[tuple[draft_pb2.ProposeRequest, draft_pb2.ProposeReply]] = []
         self.timeouts: set[float] = set()
+
+    async def Info(self, req: common_pb2.InfoRequest, timeout: float) -> common_pb2.ModelInfo:
+        call, self.info_calls = self.info_calls, self.info_calls + 1
+        if call in self.info_faults:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        return self.info
 
     async def Propose(self, req: draft_pb2.ProposeRequest, timeout: float) -> draft_pb2.ProposeReply:
         call = len(self.requests)

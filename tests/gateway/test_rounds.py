@@ -12,17 +12,18 @@ from prometheus_client import REGISTRY
 from common.speculative.adaptive_k import CostModel
 from common.speculative.params import SamplingParams
 from common.speculative.request import Request
-from gateway import rounds
+from gateway import draft_link, rounds
 from gateway.rounds import RoundRunner, RoundSettings
-from tests.gateway.fake_stubs import FakeDraft, FakeVerifier, target_output
+from tests.gateway.fake_stubs import FINGERPRINT, FakeDraft, FakeVerifier, rpc_error, target_output
 
 PROMPT = [10, 11, 12, 13]
 SETTINGS = RoundSettings(draft_timeout_s=0.25, verify_timeout_s=0.5, draft_retry_s=10.0)
 Code = grpc.StatusCode
 
 
-def runner(verifier, draft, eos=(), costs=None, max_model_len=256) -> RoundRunner:
-    return RoundRunner(verifier, draft, frozenset(eos), max_model_len, SETTINGS, costs or CostModel())
+def runner(verifier, draft, eos=(), costs=None, max_model_len=256, verifier_k_max=None) -> RoundRunner:
+    return RoundRunner(verifier, draft, frozenset(eos), max_model_len, SETTINGS, costs or CostModel(),
+                       fingerprint=FINGERPRINT, verifier_k_max=verifier_k_max)
 
 
 def request(max_tokens=12, k=3, prompt=PROMPT, **sampling) -> Request:
@@ -51,11 +52,12 @@ def fallback_metric() -> float:
 
 
 class FakeClock:
-    """time.monotonic for gateway.rounds only (asyncio keeps the real one)."""
+    """time.monotonic for gateway.rounds and its DraftLink only (asyncio keeps the real one)."""
     def __init__(self, monkeypatch, now=100.0):
         self.now = now
-        monkeypatch.setattr(rounds, "time", types.SimpleNamespace(monotonic=lambda: self.now,
-                                                                  perf_counter=time.perf_counter))
+        fake = types.SimpleNamespace(monotonic=lambda: self.now, perf_counter=time.perf_counter)
+        for module in (rounds, draft_link):
+            monkeypatch.setattr(module, "time", fake)
 
 
 class CostSpy(CostModel):
@@ -197,7 +199,7 @@ def test_round_mismatch_is_resynced_too():
     collect(runner(verifier, FakeDraft()), r, skew)
     assert r.output_ids == target_output(PROMPT, 12)
     assert [q.session_id for q in verifier.requests][1:3] == ["rid-0", "rid-1-resync"]
-    assert verifier.released == ["rid-1-resync"]
+    assert verifier.released == ["rid-0", "rid-1-resync"]       # the abandoned session is freed, not left to its TTL
 
 
 def test_a_second_loss_in_the_same_round_is_raised():
@@ -255,3 +257,59 @@ def test_prefill_rounds_teach_the_cost_model_nothing():
     resynced = CostSpy()                                   # round 1 re-prefills: its verify time means nothing
     collect(runner(FakeVerifier(restarts={1}), FakeDraft(), costs=resynced), request(max_tokens=12, k=3))
     assert resynced.drafts == [3, 3] and resynced.verifies == [4]
+
+
+# ---- what the services say about themselves, and which errors resync ----------------------------------------------
+def test_a_failed_precondition_that_is_not_a_round_conflict_is_raised_not_resynced():
+    verifier = FakeVerifier()
+
+    async def engine_error(req, timeout):
+        verifier.requests.append(req)
+        raise rpc_error(Code.FAILED_PRECONDITION, "checkpoint went missing", "CHECKPOINT")
+    verifier.Verify = engine_error
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        collect(runner(verifier, FakeDraft()), request())
+    assert e.value.code() == Code.FAILED_PRECONDITION and len(verifier.requests) == 1     # no re-prefill
+
+
+def test_a_draft_with_another_tokenizer_is_never_asked_and_is_checked_again_after_the_pause(monkeypatch):
+    clock, verifier = FakeClock(monkeypatch), FakeVerifier()
+    draft = FakeDraft(fingerprint="another-vocab")
+    r = request(max_tokens=14, k=2)
+    run = runner(verifier, draft)
+
+    def between(req):
+        if req.stats.rounds == 3:                          # the draft is redeployed with the right tokenizer
+            draft.info.vocab_fingerprint = FINGERPRINT
+            clock.now += SETTINGS.draft_retry_s
+    collect(run, r, between)
+    assert r.output_ids == target_output(PROMPT, 14)
+    assert drafts_per_round(verifier)[:3] == [0, 0, 0] and drafts_per_round(verifier)[3] == 2
+    assert draft.requests[0].round == 3                    # no Propose before its Info matched
+    assert draft.info_calls == 2 and r.stats.fallback_rounds == 3
+
+
+def test_the_drafts_info_is_checked_again_after_every_failure(monkeypatch):
+    clock, verifier = FakeClock(monkeypatch), FakeVerifier()
+    draft = FakeDraft(faults={1: Code.UNAVAILABLE}, info_faults={0})     # down at start, then once more
+    r = request(max_tokens=20, k=2)
+
+    def between(req):
+        clock.now += SETTINGS.draft_retry_s                # every pause has passed by the next round
+    collect(runner(verifier, draft), r, between)
+    assert r.output_ids == target_output(PROMPT, 20)
+    assert draft.info_calls == 3                           # start (failed), reconnect, after the Propose failure
+    assert drafts_per_round(verifier)[:4] == [0, 2, 0, 2]
+
+
+def test_k_stays_within_what_the_draft_and_the_verifier_accept():
+    verifier = FakeVerifier()
+    r = request(max_tokens=12, k=6)
+    collect(runner(verifier, FakeDraft(k_max=4), verifier_k_max=3), r)
+    assert max(drafts_per_round(verifier)) == 3
+    short = FakeVerifier()
+    r = request(max_tokens=12, k=3)
+    collect(runner(short, FakeDraft(max_model_len=len(PROMPT) + 6)), r)      # the draft's context ends early
+    assert r.output_ids == target_output(PROMPT, 12)
+    assert drafts_per_round(short)[0] == 3 and drafts_per_round(short)[-1] == 0
+    assert r.stats.fallback_rounds == 0                   # a limit, not a failure
