@@ -2,77 +2,13 @@
 verifier resync, session release, stats and cost observations. Milliseconds each: no models, no network."""
 import asyncio
 import contextlib
-import time
-import types
 
 import grpc
 import pytest
-from prometheus_client import REGISTRY
 
-from common.speculative.adaptive_k import CostModel
-from common.speculative.params import SamplingParams
-from common.speculative.request import Request
-from gateway import draft_link, rounds
-from gateway.rounds import RoundRunner, RoundSettings
-from tests.gateway.fake_stubs import FINGERPRINT, FakeDraft, FakeVerifier, rpc_error, target_output
-
-PROMPT = [10, 11, 12, 13]
-SETTINGS = RoundSettings(draft_timeout_s=0.25, verify_timeout_s=0.5, draft_retry_s=10.0)
-Code = grpc.StatusCode
-
-
-def runner(verifier, draft, eos=(), costs=None, max_model_len=256, verifier_k_max=None) -> RoundRunner:
-    return RoundRunner(verifier, draft, frozenset(eos), max_model_len, SETTINGS, costs or CostModel(),
-                       fingerprint=FINGERPRINT, verifier_k_max=verifier_k_max)
-
-
-def request(max_tokens=12, k=3, prompt=PROMPT, **sampling) -> Request:
-    return Request(list(prompt), SamplingParams(max_tokens=max_tokens, **sampling), fixed_k=k)
-
-
-def collect(run: RoundRunner, r: Request, between=None) -> list[list[int]]:
-    """Every chunk `run` yields for `r`; `between(r)` runs after each chunk, before the next round."""
-    async def consume():
-        chunks = []
-        async with contextlib.aclosing(run.run(r, "rid")) as gen:
-            async for chunk in gen:
-                chunks.append(chunk)
-                if between is not None:
-                    between(r)
-        return chunks
-    return asyncio.run(consume())
-
-
-def drafts_per_round(verifier: FakeVerifier) -> list[int]:
-    return [len(req.draft_token_ids) for req, _ in verifier.answered]
-
-
-def fallback_metric() -> float:
-    return REGISTRY.get_sample_value("specd_fallback_rounds_total") or 0.0
-
-
-class FakeClock:
-    """time.monotonic for gateway.rounds and its DraftLink only (asyncio keeps the real one)."""
-    def __init__(self, monkeypatch, now=100.0):
-        self.now = now
-        fake = types.SimpleNamespace(monotonic=lambda: self.now, perf_counter=time.perf_counter)
-        for module in (rounds, draft_link):
-            monkeypatch.setattr(module, "time", fake)
-
-
-class CostSpy(CostModel):
-    """Records what the runner feeds the shared cost model."""
-    def __init__(self):
-        super().__init__()
-        self.drafts, self.verifies = [], []
-
-    def observe_draft(self, steps, seconds):
-        self.drafts.append(steps)
-        super().observe_draft(steps, seconds)
-
-    def observe_verify(self, num_tokens, seconds):
-        self.verifies.append(num_tokens)
-        super().observe_verify(num_tokens, seconds)
+from tests.gateway.fake_stubs import FakeDraft, FakeVerifier, rpc_error, target_output
+from tests.gateway.round_harness import (PROMPT, Code, CostSpy, FakeClock, collect, drafts_per_round,
+                                         fallback_metric, request, runner)
 
 
 # ---- rounds, output, stats ---------------------------------------------------------------------------------------
@@ -270,46 +206,3 @@ def test_a_failed_precondition_that_is_not_a_round_conflict_is_raised_not_resync
     with pytest.raises(grpc.aio.AioRpcError) as e:
         collect(runner(verifier, FakeDraft()), request())
     assert e.value.code() == Code.FAILED_PRECONDITION and len(verifier.requests) == 1     # no re-prefill
-
-
-def test_a_draft_with_another_tokenizer_is_never_asked_and_is_checked_again_after_the_pause(monkeypatch):
-    clock, verifier = FakeClock(monkeypatch), FakeVerifier()
-    draft = FakeDraft(fingerprint="another-vocab")
-    r = request(max_tokens=14, k=2)
-    run = runner(verifier, draft)
-
-    def between(req):
-        if req.stats.rounds == 3:                          # the draft is redeployed with the right tokenizer
-            draft.info.vocab_fingerprint = FINGERPRINT
-            clock.now += SETTINGS.draft_retry_s
-    collect(run, r, between)
-    assert r.output_ids == target_output(PROMPT, 14)
-    assert drafts_per_round(verifier)[:3] == [0, 0, 0] and drafts_per_round(verifier)[3] == 2
-    assert draft.requests[0].round == 3                    # no Propose before its Info matched
-    assert draft.info_calls == 2 and r.stats.fallback_rounds == 3
-
-
-def test_the_drafts_info_is_checked_again_after_every_failure(monkeypatch):
-    clock, verifier = FakeClock(monkeypatch), FakeVerifier()
-    draft = FakeDraft(faults={1: Code.UNAVAILABLE}, info_faults={0})     # down at start, then once more
-    r = request(max_tokens=20, k=2)
-
-    def between(req):
-        clock.now += SETTINGS.draft_retry_s                # every pause has passed by the next round
-    collect(runner(verifier, draft), r, between)
-    assert r.output_ids == target_output(PROMPT, 20)
-    assert draft.info_calls == 3                           # start (failed), reconnect, after the Propose failure
-    assert drafts_per_round(verifier)[:4] == [0, 2, 0, 2]
-
-
-def test_k_stays_within_what_the_draft_and_the_verifier_accept():
-    verifier = FakeVerifier()
-    r = request(max_tokens=12, k=6)
-    collect(runner(verifier, FakeDraft(k_max=4), verifier_k_max=3), r)
-    assert max(drafts_per_round(verifier)) == 3
-    short = FakeVerifier()
-    r = request(max_tokens=12, k=3)
-    collect(runner(short, FakeDraft(max_model_len=len(PROMPT) + 6)), r)      # the draft's context ends early
-    assert r.output_ids == target_output(PROMPT, 12)
-    assert drafts_per_round(short)[0] == 3 and drafts_per_round(short)[-1] == 0
-    assert r.stats.fallback_rounds == 0                   # a limit, not a failure
