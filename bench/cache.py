@@ -59,14 +59,15 @@ def cache_part(target: str, tokenizer, dtype: str, system_tokens: int) -> tuple[
     from common.distributed import free_port
     from gateway.client import SpecdClient
     from scripts.dev.topology import LocalTopology
-    from scripts.dev.redis_server import RedisServer
+    from scripts.dev.redis_server import RedisServer, write_hmac_key_file
 
     system = system_prompt_ids(tokenizer, system_tokens)
     requests = [system + tokenizer.encode(f"\nUser: {u}\nAssistant:", add_special_tokens=False) for u in USER_TURNS]
     redis = RedisServer(maxmemory="1gb")
     modes = {"off": {"SPECD_NO_PREFIX_CACHE": "1"},
              "in-process": {"SPECD_PREFIX_CACHE_MIB": "512"},
-             "redis": {"SPECD_PREFIX_CACHE_MIB": "0", "REDIS_URL": redis.url}}
+             "redis": {"SPECD_PREFIX_CACHE_MIB": "0", "REDIS_URL": redis.url, "SPECD_PREFIX_CACHE_HMAC_KEY_FILE":
+                       str(write_hmac_key_file(Path(tempfile.mkdtemp(prefix="specd-bench-cache-key-"))))}}
     rows = []
     try:
         for mode, env in modes.items():

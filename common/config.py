@@ -138,25 +138,62 @@ class ModelConfig:
 
 @dataclass(slots=True)
 class PrefixCacheConfig:
-    """The prefix cache of full KV blocks (common/kv/prefix_cache.py): an in-process LRU, then Redis."""
+    """The prefix cache of full KV blocks (common/kv/prefix_cache.py): an in-process LRU, then Redis.
+
+    Redis values carry an HMAC-SHA256 tag under `hmac_key` (common/kv/block_auth.py): a Redis URL without a key
+    is refused unless `unauthenticated` says that Redis is trusted with the cached K/V's integrity too."""
     local_mib: int = 256                      # in-process tier; 0 = Redis only
-    redis_url: str | None = None              # e.g. redis://host:6379/0; None = no shared tier
+    redis_url: str | None = None              # e.g. redis://host:6379/0 or rediss://...; None = no shared tier
     ttl_s: int = 3600                         # Redis entries expire after this long without a refresh
     redis_timeout_s: float = 0.25             # a slower Redis call is abandoned and the cache bypassed
     redis_retry_s: float = 5.0                # after a Redis failure, bypass it this long before trying again
     publish_queue: int = 256                  # pending publishes; beyond it new blocks are not published
     namespace: str | None = None              # overrides the model fingerprint in block hashes
+    hmac_key: bytes | None = field(default=None, repr=False)         # authenticates every Redis value
+    unauthenticated: bool = False             # allow Redis without hmac_key: anyone who can write it steers outputs
+    redis_password: str | None = field(default=None, repr=False)     # Redis AUTH, when not in the URL
 
     def __post_init__(self):
         if self.local_mib < 0:
             raise ConfigError(f"prefix cache local_mib={self.local_mib}: must be >= 0")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"redis_url={self.redis_url!r}: must start with redis://, rediss:// or unix://")
+            raise ConfigError(f"redis_url={redacted_url(self.redis_url)!r}: must start with redis://, rediss:// "
+                              "or unix://")
         if self.local_mib == 0 and not self.redis_url:
             raise ConfigError("prefix cache: local_mib=0 and no redis_url leaves no tier; disable it instead")
         for name in ("ttl_s", "redis_timeout_s", "redis_retry_s", "publish_queue"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"prefix cache {name}={getattr(self, name)}: must be > 0")
+        if self.hmac_key is not None and len(self.hmac_key) < 16:
+            raise ConfigError(f"prefix cache HMAC key of {len(self.hmac_key)} bytes: must be >= 16 "
+                              "(e.g. `openssl rand -hex 32`)")
+        if self.redis_url and self.hmac_key is None and not self.unauthenticated:
+            raise ConfigError("prefix cache: a Redis URL without an HMAC key would let anyone who can write to Redis "
+                              "steer other users' outputs; give --prefix-cache-hmac-key-file "
+                              "(SPECD_PREFIX_CACHE_HMAC_KEY_FILE), or --prefix-cache-unauthenticated to trust Redis")
+        if self.redis_password is not None and self.redis_url and _url_password(self.redis_url):
+            raise ConfigError("prefix cache: a Redis password both in the URL and in a password file; give one")
+
+
+def _url_password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for logs and errors."""
+    from urllib.parse import urlsplit, urlunsplit
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
 
 
 @dataclass(slots=True)

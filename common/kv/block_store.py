@@ -2,7 +2,8 @@
 
 `LocalBlockStore` is an in-process LRU bounded in bytes (the default, and the first tier when Redis is
 configured). `RedisBlockStore` is a shared `redis-server` (values carry a TTL; the server's own maxmemory
-policy evicts); its calls raise `redis.RedisError` on any trouble and the caller decides to bypass.
+policy evicts; TLS and AUTH come from the URL); its calls raise `redis.RedisError` on any trouble and the caller
+decides to bypass. Neither store authenticates values: the prefix cache seals what it sends to Redis.
 """
 from __future__ import annotations
 
@@ -72,12 +73,16 @@ class LocalBlockStore:
 class RedisBlockStore:
     tier = "redis"
 
-    def __init__(self, url: str, ttl_s: int, timeout_s: float):
+    def __init__(self, url: str, ttl_s: int, timeout_s: float, password: str | None = None):
+        """`url`: redis://[user[:password]@]host:port/db, rediss://... for TLS (CA and client certificate as query
+        parameters: ?ssl_ca_certs=/ca.pem&ssl_certfile=...&ssl_keyfile=...), or unix://path. `password`: AUTH,
+        when it is not in the URL (redis-py lets the URL's own password win)."""
         import redis
         self.url = url
         self.ttl_s = ttl_s
+        auth = {"password": password} if password is not None else {}
         self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           health_check_interval=0)
+                                           health_check_interval=0, **auth)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         return self.client.mget(keys) if keys else []

@@ -1,7 +1,8 @@
 """One rank's prefix cache: find the longest cached run of full KV blocks, publish new ones off the hot path.
 
 Lookups try the in-process tier first, then Redis for the rest (one MGET); a hit from Redis is kept locally.
-Every value is checked on load (header, token ids, length); a bad one is deleted and ends the hit run.
+Redis values are sealed with an HMAC tag (block_auth.py) unless the config trusts Redis. Every value is checked on
+load (tag, then header, token ids, length); a bad one is refused like a miss, deleted, and ends the hit run.
 Publishing hands block copies to a background thread that encodes and stores them, so a round never waits
 on the cache. Redis trouble (down, slow, full, garbage) never fails a request: the cache logs a warning,
 counts it, and leaves Redis alone for `redis_retry_s`.
@@ -18,14 +19,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from common.config import PrefixCacheConfig
+from common.kv.block_auth import BlockSigner
 from common.kv.block_codec import BlockGeometry, decode_block, encode_block
 from common.kv.block_store import LocalBlockStore, RedisBlockStore
-from common.telemetry.metrics import PREFIX_CACHE_BYPASS, PREFIX_CACHE_BYTES, PREFIX_CACHE_LOOKUPS
+from common.telemetry.metrics import (PREFIX_CACHE_BYPASS, PREFIX_CACHE_BYTES, PREFIX_CACHE_LOOKUPS,
+                                      PREFIX_CACHE_REJECTED)
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 KEY_PREFIX = "specd:kv:"
+REJECT_WARN_EVERY_S = 10.0                  # a flood of forged values logs one warning per reason this often
 
 
 def block_key(h: bytes) -> str:
@@ -37,8 +41,13 @@ class PrefixCache:
         self.config = config
         self.geometry = geometry
         self.local = LocalBlockStore(config.local_mib * 2**20) if config.local_mib else None
-        self.redis = (RedisBlockStore(config.redis_url, config.ttl_s, config.redis_timeout_s)
+        self.redis = (RedisBlockStore(config.redis_url, config.ttl_s, config.redis_timeout_s, config.redis_password)
                       if config.redis_url else None)
+        self.signer = BlockSigner(config.hmac_key) if config.hmac_key is not None else None
+        self._rejects: dict[str, tuple[float, int]] = {}      # reason -> (last warning, refused since)
+        if self.redis is not None and self.signer is None:
+            log.warning("prefix cache: Redis values are NOT authenticated (--prefix-cache-unauthenticated): whoever "
+                        "can write to Redis can steer outputs")
         self._redis_down_until = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=config.publish_queue)
         self._thread = threading.Thread(target=self._publish_loop, name="prefix-publish", daemon=True)
@@ -69,13 +78,10 @@ class PrefixCache:
                     if value is None:
                         break
                     n = len(found) + i
-                    kv = decode_block(self.geometry, token_ids[n * bs:(n + 1) * bs], value)
-                    if kv is None:
-                        log.warning("prefix cache (%s): entry %s is corrupt or mismatching: deleted", store.tier, key)
-                        PREFIX_CACHE_BYPASS.labels("corrupt_entry").inc()
-                        self._delete(store, key)
+                    loaded = self._load(store, key, value, token_ids[n * bs:(n + 1) * bs])
+                    if loaded is None:
                         break
-                    hits.append((key, value, kv))
+                    hits.append((key, *loaded))
                 PREFIX_CACHE_LOOKUPS.labels(store.tier, "hit").inc(len(hits))
                 PREFIX_CACHE_LOOKUPS.labels(store.tier, "miss").inc(len(hits) < len(todo))
                 PREFIX_CACHE_BYTES.labels(store.tier, "load").inc(sum(len(v) for _, v, _ in hits))
@@ -85,6 +91,29 @@ class PrefixCache:
                 found += [kv for _, _, kv in hits]             # a local run that ends early goes on in Redis
             span.set_attribute("prefix_cache.blocks_found", len(found))
             return found
+
+    def _load(self, store, key: str, value: bytes, token_ids: list[int]) -> tuple[bytes, torch.Tensor] | None:
+        """(payload, K/V) of a stored value; None after refusing and deleting a value that is not that block."""
+        payload = self.signer.open(key, value) if store is self.redis and self.signer is not None else value
+        kv = decode_block(self.geometry, token_ids, payload) if payload is not None else None
+        if kv is None:
+            self._refused(store, key, "bad_mac" if payload is None else "mismatch")
+            self._delete(store, key)
+            return None
+        return payload, kv
+
+    def _refused(self, store, key: str, reason: str) -> None:
+        PREFIX_CACHE_REJECTED.labels(reason).inc()
+        now = time.monotonic()
+        last, since = self._rejects.get(reason, (-REJECT_WARN_EVERY_S, 0))
+        if now - last < REJECT_WARN_EVERY_S:
+            self._rejects[reason] = (last, since + 1)
+            return
+        self._rejects[reason] = (now, 0)
+        what = ("its HMAC tag does not verify (forged, tampered, or written with another key)" if reason == "bad_mac"
+                else "its header, length or token ids are not those of the block")
+        log.warning("prefix cache (%s): refused and deleted %s: %s%s", store.tier, key, what,
+                    f" ({since} more refused in the last {now - last:.0f}s)" if since else "")
 
     # ---- publish (off the forward path) -------------------------------------------------------------------
     def publish(self, hashes: list[bytes], token_ids: list[list[int]], kv: torch.Tensor) -> None:
@@ -148,6 +177,8 @@ class PrefixCache:
                 PREFIX_CACHE_BYTES.labels("local", "publish").inc(nbytes)
             redis = self._redis_if_up()
             if redis is not None:
+                if self.signer is not None:
+                    items = [(k, self.signer.seal(k, v)) for k, v in items]
                 try:
                     redis.put_many(items)
                     PREFIX_CACHE_BYTES.labels("redis", "publish").inc(nbytes)

@@ -87,6 +87,16 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="shared prefix cache, e.g. redis://host:6379/0 (REDIS_URL); unset = in-process only")
     p.add_argument("--prefix-cache-ttl-s", type=int, default=env_default("prefix_cache_ttl_s", 3600),
                    help="Redis entry lifetime in seconds")
+    p.add_argument("--prefix-cache-hmac-key-file", default=env_default("prefix_cache_hmac_key_file", None),
+                   help="file holding the secret (>= 16 bytes, e.g. `openssl rand -hex 32`) that authenticates every "
+                        "Redis value with HMAC-SHA256; required with a Redis URL (SPECD_PREFIX_CACHE_HMAC_KEY_FILE)")
+    p.add_argument("--prefix-cache-unauthenticated", action="store_true",
+                   default=env_default("prefix_cache_unauthenticated", False),
+                   help="use Redis without an HMAC key: whoever can write to it can steer outputs "
+                        "(SPECD_PREFIX_CACHE_UNAUTHENTICATED=1)")
+    p.add_argument("--redis-password-file", default=env_default("redis_password_file", None),
+                   help="file holding the Redis AUTH password, kept off command lines (SPECD_REDIS_PASSWORD_FILE); "
+                        "a user name goes in the URL (redis://name@host:6379/0)")
     p.add_argument("--no-prefix-cache", action="store_true", default=env_default("no_prefix_cache", False),
                    help="compute every prefill (no prefix cache at all)")
 
@@ -103,8 +113,32 @@ def server_config(args):
 
 
 def prefix_cache_config(args):
-    """The PrefixCacheConfig the model flags ask for, or None when the cache is off."""
+    """The PrefixCacheConfig the model flags ask for, or None when the cache is off; raises ConfigError when a
+    secret file cannot be read or a Redis URL comes without an HMAC key (and without --prefix-cache-unauthenticated)."""
     from common.config import PrefixCacheConfig
+    from common.errors import ConfigError
     if args.no_prefix_cache or (args.prefix_cache_mib == 0 and not args.redis_url):
         return None
-    return PrefixCacheConfig(local_mib=args.prefix_cache_mib, redis_url=args.redis_url, ttl_s=args.prefix_cache_ttl_s)
+    key_file, password_file = args.prefix_cache_hmac_key_file, args.redis_password_file
+    password = None
+    if password_file:
+        try:
+            password = _read_secret(password_file, "--redis-password-file").decode()
+        except UnicodeDecodeError:
+            raise ConfigError(f"--redis-password-file {password_file!r}: is not UTF-8 text") from None
+    return PrefixCacheConfig(local_mib=args.prefix_cache_mib, redis_url=args.redis_url, ttl_s=args.prefix_cache_ttl_s,
+                             hmac_key=_read_secret(key_file, "--prefix-cache-hmac-key-file") if key_file else None,
+                             unauthenticated=args.prefix_cache_unauthenticated, redis_password=password)
+
+
+def _read_secret(path: str, flag: str) -> bytes:
+    """A secret file's bytes without the trailing newline an editor or `echo` adds."""
+    from common.errors import ConfigError
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().rstrip(b"\r\n")
+    except OSError as e:
+        raise ConfigError(f"{flag} {path!r}: cannot be read ({e.strerror})") from None
+    if not secret:
+        raise ConfigError(f"{flag} {path!r}: is empty")
+    return secret

@@ -59,7 +59,11 @@ PREFIX_CACHE_LOOKUPS = Counter("specd_prefix_cache_lookups", "Prefix block looku
 PREFIX_CACHE_BYTES = Counter("specd_prefix_cache_bytes", "Prefix block bytes moved; tier: local|redis, "
                              "direction: load|publish", ["tier", "direction"])
 PREFIX_CACHE_BYPASS = Counter("specd_prefix_cache_bypass", "Cache operations skipped (Redis down, slow, full, "
-                              "corrupt entry, ...)", ["reason"])
+                              "publish queue full, ...)", ["reason"])
+PREFIX_CACHE_REJECTED = Counter("specd_prefix_cache_rejected", "Cached values refused on load (a miss) and deleted; "
+                                "reason: bad_mac (not sealed with this replica's HMAC key: forged, tampered or "
+                                "another key) | mismatch (header, length or token ids not those of the block)",
+                                ["reason"])
 PREFIX_CACHE_TOKENS = Counter("specd_prefix_cache_tokens", "Prefill tokens by origin; kind: cached|computed",
                               ["kind"])
 

@@ -77,10 +77,12 @@ class LocalTopology:
             self.on_spawn(self)
 
     def start_redis(self, port: int = 0, maxmemory: str = "256mb", timeout_s: float = 10.0) -> bool:
-        """Start `redis-server` (if installed) on `port` (0: a free one) and point the services at it with REDIS_URL.
+        """Start `redis-server` (if installed) on `port` (0: a free one) and point the services at it with REDIS_URL
+        and a fresh HMAC key file (SPECD_PREFIX_CACHE_HMAC_KEY_FILE, in the log folder or a private temporary one).
         Returns False, changing nothing, when redis-server is not on PATH."""
+        import tempfile
         from common.distributed import free_port
-        from scripts.dev.redis_server import redis_answers, redis_server_argv
+        from scripts.dev.redis_server import redis_answers, redis_server_argv, write_hmac_key_file
         port = port or free_port()
         argv = redis_server_argv(port, maxmemory)
         if argv is None:
@@ -93,6 +95,9 @@ class LocalTopology:
                 self.stop()
                 raise RuntimeError(f"redis-server did not answer PING on 127.0.0.1:{self.redis_port}")
             time.sleep(0.05)
+        key_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="specd-redis-"))
+        self.env["SPECD_PREFIX_CACHE_HMAC_KEY_FILE"] = str(write_hmac_key_file(key_dir))
+        self.env.pop("SPECD_REDIS_PASSWORD_FILE", None)      # this server has no AUTH
         self.env["REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
         return True
 

@@ -1,53 +1,18 @@
 """The prefix cache under the model runner: local and Redis tiers, collisions, TTL, Redis faults, TP=2.
 
 Every hit is checked two ways: the runner computed only the uncached tokens, and the logits equal those of a
-runner without any cache.
+runner without any cache (fixtures and helpers: conftest.py).
 """
 import time
 
 import pytest
 import torch
 
-from common.config import EngineConfig, PrefixCacheConfig
-from common.engine.model_runner import ModelRunner, SequenceChunk
-from common.engine.tp_executor import TPExecutor
+from common.config import PrefixCacheConfig
+from common.engine.model_runner import SequenceChunk
+from common.kv.block_auth import BlockSigner
 from common.kv.prefix_cache import KEY_PREFIX
-from tests.checkpoints import build_checkpoint
-
-SYSTEM = [(7 * i + 3) % 128 for i in range(40)]       # 2 full blocks of 16 + 8 tokens
-BS = 16
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return str(build_checkpoint(tmp_path_factory.mktemp("prefix") / "m", "qwen2", seed=9))
-
-
-def _runner(ckpt, cache: PrefixCacheConfig | None, tp=1):
-    cfg = EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=64, tp_size=tp, prefix_cache=cache)
-    return TPExecutor(cfg) if tp > 1 else ModelRunner(cfg)
-
-
-def _prefill_and_commit(runner, seq, tokens):
-    [logits] = runner.forward([SequenceChunk(seq, tokens)]).logits
-    runner.truncate(seq, len(tokens))                   # the round's rollback publishes the full blocks
-    return logits
-
-
-def _flush(runner):
-    r = getattr(runner, "runner", runner)
-    assert r.prefix_cache.flush(10)
-
-
-@pytest.fixture(scope="module")
-def reference(ckpt):
-    """Logits of SYSTEM + a user turn without any cache."""
-    r = _runner(ckpt, None)
-    out = {}
-    for turn in ([1, 2, 3], [9, 8, 7, 6]):
-        out[tuple(turn)] = r.forward([SequenceChunk(1, SYSTEM + turn)]).logits[0]
-        r.free(1)
-    return out
+from tests.common.kv.conftest import BS, HMAC_KEY, SYSTEM, _flush, _prefill_and_commit, _runner, _shared
 
 
 def test_local_hit_computes_only_the_rest_and_matches(ckpt, reference):
@@ -87,7 +52,7 @@ def test_short_prompts_and_logit_positions_are_always_computed(ckpt):
 
 
 def test_redis_shares_blocks_between_replicas(ckpt, reference, redis_server):
-    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url)
+    cfg = _shared(redis_server, local_mib=16)
     first, second = _runner(ckpt, cfg), _runner(ckpt, cfg)
     _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
     _flush(first)
@@ -101,13 +66,14 @@ def test_redis_shares_blocks_between_replicas(ckpt, reference, redis_server):
 
 
 def test_collision_guard_refuses_and_deletes_a_mismatching_entry(ckpt, reference, redis_server):
-    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url)
+    cfg = _shared(redis_server, local_mib=16)
     first, second = _runner(ckpt, cfg), _runner(ckpt, cfg)
     _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
     _flush(first)
     client = redis_server.client()
     key0, key1 = (KEY_PREFIX + h.hex() for h in first._hashes[1][:2])
-    client.set(key1, client.get(key0))                   # block 1's key now holds block 0 (other token ids)
+    signer = BlockSigner(HMAC_KEY)                       # a hash collision: block 0 sealed under block 1's key
+    client.set(key1, signer.seal(key1, signer.open(key0, client.get(key0))))
     fwd = second.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
     [logits] = fwd.logits
     assert fwd.cached_tokens == [BS]                    # block 0 loaded, block 1 refused and recomputed
@@ -121,7 +87,7 @@ def test_collision_guard_refuses_and_deletes_a_mismatching_entry(ckpt, reference
 
 
 def test_redis_entries_expire(ckpt, redis_server):
-    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url, ttl_s=1)
+    cfg = _shared(redis_server, local_mib=16, ttl_s=1)
     first = _runner(ckpt, cfg)
     _prefill_and_commit(first, 1, SYSTEM + [1, 2, 3])
     _flush(first)
@@ -136,7 +102,7 @@ def test_redis_entries_expire(ckpt, redis_server):
 
 
 def test_redis_killed_is_bypassed_and_output_unchanged(ckpt, reference, redis_server):
-    cfg = PrefixCacheConfig(local_mib=0, redis_url=redis_server.url, redis_timeout_s=0.2)
+    cfg = _shared(redis_server, local_mib=0, redis_timeout_s=0.2)
     r = _runner(ckpt, cfg)
     _prefill_and_commit(r, 1, SYSTEM + [1, 2, 3])
     _flush(r)
@@ -155,14 +121,14 @@ def test_redis_killed_is_bypassed_and_output_unchanged(ckpt, reference, redis_se
 
 
 def test_garbage_from_redis_is_refused(ckpt, reference, redis_server):
-    cfg = PrefixCacheConfig(local_mib=0, redis_url=redis_server.url)
+    cfg = _shared(redis_server, local_mib=0)
     writer = _runner(ckpt, cfg)
     _prefill_and_commit(writer, 1, SYSTEM + [1, 2, 3])
     _flush(writer)
     client = redis_server.client()
     for key in client.keys(KEY_PREFIX + "*"):
         value = bytearray(client.get(key))
-        value[-1] ^= 0xFF                               # flips bits of the K/V payload: the header is intact
+        value[-1] ^= 0xFF                               # flips bits of the tag: the header is intact
         client.set(key, bytes(value[:-3]))              # ...and the length is wrong
     reader = _runner(ckpt, cfg)
     fwd = reader.forward([SequenceChunk(1, SYSTEM + [9, 8, 7, 6])])
@@ -185,7 +151,7 @@ def test_refused_batch_leaves_no_loaded_blocks(ckpt):
 
 def test_tensor_parallel_ranks_load_their_own_shards(ckpt, reference, redis_server):
     # One TP group per process at a time: the replicas take turns.
-    cfg = PrefixCacheConfig(local_mib=16, redis_url=redis_server.url)
+    cfg = _shared(redis_server, local_mib=16)
     client = redis_server.client()
     first = _runner(ckpt, cfg, tp=2)
     try:
