@@ -88,7 +88,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         started = time.perf_counter()
         async with contextlib.aclosing(self._rounds(request, context)) as rounds:
             async for r, text, _ in rounds:
-                pass
+                text.delta(r.output_ids, r.finished)    # decoded as it comes: the reply needs no full decode
         return gateway_pb2.GenerateReply(text=text.full_text(r.output_ids), token_ids=r.output_ids,
                                          finish_reason=r.finish_reason or "length", prompt_tokens=len(r.prompt_ids),
                                          stats=self._stats(r, started))
