@@ -3,7 +3,12 @@
 Every Propose carries the whole committed context, so correctness never depends on what this replica has
 cached: the cache only saves recomputation. A request's sequence is found by its request id; the longest
 prefix its KV shares with the new context is kept (rejected drafts fall away) and only the rest is fed.
-Least recently used sequences are evicted past `max_cached_sequences`, or when the KV cache runs out.
+Least recently used sequences are evicted past `max_cached_sequences`, or to make room for a batch.
+
+KV blocks are counted before every pass, as in the verifier (verifier_service/admission.py): a call that could
+never fit the whole cache is refused at submit (RESOURCE_EXHAUSTED, the gateway drafts nothing that round); a batch
+is split, in arrival order, into groups that fit the cache once the other sequences are evicted, run one after
+another, so no call fails because others are long.
 
 Concurrent Propose calls are batched: one engine thread takes every queued call and drafts them together
 (each draft step of all of them is one forward pass): the BatchWorker the verifier uses too (common/engine). Two
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 
 from common.engine.batch_worker import BatchedEngine, BatchWorker, Job
 from common.errors import KVCacheExhaustedError
+from common.kv.block_allocator import blocks_for
 from common.speculative.proposers.draft_model import DraftModelProposer
 from common.speculative.proposal import DraftProposal
 from common.speculative.proposers import ProposeInput
@@ -87,14 +93,18 @@ class Drafter(BatchedEngine):
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _run(self, batch: list[Job]) -> int:
-        """The worker's batch step: draft every call of the batch together (an exception fails them all)."""
+        """The worker's batch step: draft the batch's calls together, in groups that each fit the KV cache."""
         calls: list[ProposeCall] = [job.item for job in batch]
         start = time.perf_counter()
         seqs = [self._sequence_for(call.request_id) for call in calls]
         requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index)
                     for seq, call in zip(seqs, calls)]
-        with attached(calls[0].trace_context if len(calls) == 1 else None):   # cache spans join it
-            proposals = self._propose(requests, seqs)
+        proposals: list[DraftProposal] = []
+        later = set(seqs)
+        for group in self._groups(requests):
+            later -= {r.seq_id for r in group}
+            with attached(calls[0].trace_context if len(calls) == 1 else None):   # cache spans join it
+                proposals += self._propose(group, later)
         compute_s = time.perf_counter() - start
         DRAFT_BATCH_SIZE.observe(len(batch))
         for job, proposal in zip(batch, proposals):
@@ -102,25 +112,51 @@ class Drafter(BatchedEngine):
                                               start - job.item.enqueued, len(batch)))
         return len(batch)
 
-    def _propose(self, requests: list[ProposeInput], seqs: list[int]) -> list[DraftProposal]:
+    def _blocks(self, context_len: int, k: int) -> int:
+        """Blocks a call's sequence holds at the end of its drafting: the context and K - 1 drafts (the last
+        draft is never fed)."""
+        return blocks_for(context_len + k - 1, self.runner.config.block_size)
+
+    def _groups(self, requests: list[ProposeInput]) -> list[list[ProposeInput]]:
+        """Consecutive runs of `requests` whose blocks together fit the whole cache (each one alone does: submit)."""
+        groups: list[list[ProposeInput]] = []
+        used = self.runner.allocator.num_blocks
+        for r in requests:
+            need = self._blocks(len(r.context), r.k)
+            if used + need > self.runner.allocator.num_blocks:
+                groups.append([])
+                used = 0
+            groups[-1].append(r)
+            used += need
+        return groups
+
+    def _propose(self, requests: list[ProposeInput], later: set[int]) -> list[DraftProposal]:
+        """Draft one group; `later`: the sequences of the batch's next groups (kept: they have not run yet)."""
+        keep = {r.seq_id for r in requests} | later
         # Room first: the runner holds at most max_cached_sequences + 1 sequences, and a batch can bring several
-        # new ones (a full cache + 2 new requests failed with "too many sequences").
-        self._evict(keep=set(seqs), limit=max(self.max_cached_sequences, len(seqs)))
-        try:
-            proposals = self.proposer.propose(requests)
-        except KVCacheExhaustedError:
-            # Make room by dropping every other cached sequence (this batch's KV was released by the
-            # proposer, so it is recomputed); if the batch alone still does not fit, draft one at a time.
-            self._evict(keep=set(seqs), limit=len(seqs))
-            try:
-                proposals = self.proposer.propose(requests)
-            except KVCacheExhaustedError:
-                proposals = []
-                for r in requests:
-                    self._evict(keep={r.seq_id}, limit=1)
-                    proposals += self.proposer.propose([r])
-        self._evict(keep=set(seqs), limit=max(self.max_cached_sequences, len(seqs)))
+        # new ones (a full cache + 2 new requests failed with "too many sequences"); then the group's blocks.
+        self._evict(keep=keep, limit=max(self.max_cached_sequences, len(keep)))
+        self._evict_for(requests, later)
+        proposals = self.proposer.propose(requests)
+        self._evict(keep=keep, limit=max(self.max_cached_sequences, len(keep)))
         return proposals
+
+    def _evict_for(self, requests: list[ProposeInput], later: set[int]) -> None:
+        """Release least recently used sequences until the blocks `requests` will take are free. The sequences of
+        the batch's later groups keep their entry and lose only their KV (recomputed when their group runs)."""
+        bs, alloc = self.runner.config.block_size, self.runner.allocator
+        group = {r.seq_id for r in requests}
+        # What the group's sequences hold now is theirs to reuse (their rollback to the shared prefix frees the rest).
+        need = sum(self._blocks(len(r.context), r.k) - blocks_for(self.runner.num_tokens(r.seq_id), bs)
+                   for r in requests)
+        for rid, seq in list(self._seq_of.items()):
+            if need <= alloc.num_free:
+                break
+            if seq in group:
+                continue
+            if seq not in later:
+                del self._seq_of[rid]
+            self.proposer.release(seq)
 
     def _validate(self, request_id: str, context: list[int], k: int) -> None:
         if request_id:                  # empty: an anonymous call, drafted without a soft-cache entry to reuse
@@ -129,6 +165,11 @@ class Drafter(BatchedEngine):
         if not 1 <= k <= self.k_max:
             raise ValueError(f"k={k}: must be in [1, {self.k_max}]")
         check_fits_context("context_token_ids", len(context), k, self.max_model_len)
+        need, total = self._blocks(len(context), k), self.runner.allocator.num_blocks
+        if need > total:
+            raise KVCacheExhaustedError(
+                f"context_token_ids: {len(context)} tokens + K={k} need {need} KV blocks of "
+                f"{self.runner.config.block_size} tokens, the draft's whole cache holds {total}")
 
     def _sequence_for(self, request_id: str) -> int:
         if request_id and request_id in self._seq_of:

@@ -5,6 +5,11 @@ common/engine/batch_worker.py) takes every queued call, checks each against its 
 length; a retried round replays its reply), runs one batched target pass, applies the rejection sampler and
 rolls each session's KV back to its accepted prefix. Release and the expiry of idle sessions run on the same
 thread, between passes. No gRPC here: the servicer converts messages and awaits the futures.
+
+KV blocks are counted before every pass, so no call fails because another one is long: a new session waits for
+its blocks or is refused up front (verifier_service/admission.py), and a running session that cannot grow by its
+new tokens and drafts makes room by preempting the sessions with the least progress (their KV freed; their next
+call gets NOT_FOUND and the gateway re-prefills them from its history, with identical output).
 """
 from __future__ import annotations
 
@@ -15,13 +20,16 @@ from dataclasses import dataclass
 
 from common.engine.batch_worker import BatchedEngine, BatchWorker, Job
 from common.engine.forward_io import SequenceChunk
-from common.errors import RoundMismatchError, SpecdError, UnknownSessionError
+from common.errors import (EngineStoppedError, KVCacheExhaustedError, RoundMismatchError, SpecdError,
+                           UnknownSessionError)
 from common.speculative.proposal import DraftProposal
 from common.speculative.rejection import RejectionSampler, VerifyInput
 from common.speculative.params import SamplingParams
 from common.telemetry.metrics import VERIFIER_BATCH_SIZE
 from common.telemetry.tracing import attached
 from common.validation import check_fits_context, check_id, check_token_ids
+from common.kv.block_allocator import blocks_for
+from verifier_service.admission import AdmissionPolicy, AdmissionQueue
 from verifier_service.sessions import Session, SessionTable, VerifyResult
 
 log = logging.getLogger(__name__)
@@ -41,18 +49,28 @@ class VerifyCall:
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it (set by the servicer)
 
 
+Running = tuple[Job, Session]    # a call of an open session, to run in the next pass
+
+
 class VerifierEngine(BatchedEngine):
     def __init__(self, executor, k_max: int = 8, max_queue: int = 256, max_batch: int = 64,
-                 session_ttl_s: float = 300.0, max_sessions: int = 1024):
+                 session_ttl_s: float = 300.0, max_sessions: int = 1024, max_waiting: int = 64,
+                 max_wait_s: float = 60.0):
+        """`max_waiting`: new sessions that may wait for KV blocks (one more is refused); `max_wait_s`: how long."""
         self.executor = executor
         self.k_max = k_max
         self.vocab_size = executor.model_config.vocab_size
         self.max_model_len = executor.runner.max_model_len
-        self.sessions = SessionTable(session_ttl_s, max_sessions)     # touched on the engine thread only
+        self.block_size = executor.runner.block_size
+        # The runner refuses a pass with more sequences than max_num_seqs: admission keeps below both bounds.
+        self.sessions = SessionTable(session_ttl_s, min(max_sessions, executor.runner.config.max_num_seqs))
+        self.admission = AdmissionQueue(AdmissionPolicy.for_cache(
+            executor.allocator.num_blocks, self.block_size, k_max, max_waiting=max_waiting, max_wait_s=max_wait_s))
+        self.preemptions = 0                                            # (tests read it)
         self.sampler = RejectionSampler()
         self._worker: BatchWorker[VerifyCall] = BatchWorker(
             self._run_batch, name="verify", max_batch=max_batch, max_queue=max_queue,
-            on_tick=self._expire_sessions, tick_s=EXPIRY_TICK_S)
+            on_tick=self._on_tick, tick_s=EXPIRY_TICK_S)
 
     # ---- API used by the servicer (any thread) -----------------------------------------------------------
     def submit(self, call: VerifyCall) -> Future:
@@ -65,13 +83,22 @@ class VerifierEngine(BatchedEngine):
         """Free a session's KV; runs on the engine thread between passes, never waits behind the queue."""
         return self._worker.control(lambda: self._release(session_id)).result(timeout=60)
 
+    @property
+    def waiting(self) -> int:
+        """New sessions waiting for KV blocks (read on any thread: a snapshot)."""
+        return len(self.admission)
+
     def shutdown(self) -> None:
         self._worker.shutdown()
+        for w in self.admission.take(lambda w: True):
+            self._fail(w.job, EngineStoppedError("verify engine shut down before this session was admitted"))
         for session in self.sessions.all():
             self.executor.free(session.seq_id)
 
     # ---- engine thread ------------------------------------------------------------------------------------
     def _release(self, session_id: str) -> bool:
+        for w in self.admission.take(lambda w: w.session_id == session_id):
+            self._fail(w.job, UnknownSessionError(f"session {session_id!r} released while waiting for KV blocks"))
         session = self.sessions.pop(session_id)
         if session is None:
             return False
@@ -83,34 +110,117 @@ class VerifierEngine(BatchedEngine):
             log.info("session %s idle past its TTL: released", session.session_id)
             self._release(session.session_id)
 
+    def _on_tick(self) -> None:
+        """After every pass and at least every tick: expire, time waiters out, admit what now fits."""
+        self._expire_sessions()
+        for w in self.admission.timed_out():
+            self._fail(w.job, KVCacheExhaustedError(
+                f"session {w.session_id!r}: waited max_wait_s={self.admission.policy.max_wait_s} for {w.blocks} "
+                f"KV blocks ({self.executor.allocator.num_free} of {self.admission.policy.num_blocks} free)"))
+        if len(self.admission):
+            self._step([], [])
+
     def _run_batch(self, batch: list[Job]) -> int:
-        """The worker's batch step: admit each call against its session, then verify the runnable ones together."""
-        runnable: list[tuple[VerifyCall, Future, Session]] = []
+        """The worker's batch step: match each call to its session, admit new ones, verify what fits together."""
+        self._expire_sessions()                 # idle sessions give their blocks back before anyone is admitted
+        running: list[Running] = []
+        fresh: list[Job] = []
         for job in batch:
-            call, fut = job.item, job.future
+            self._dispatch(job, running, fresh)
+        return self._step(running, fresh)
+
+    def _dispatch(self, job: Job, running: list[Running], fresh: list[Job]) -> None:
+        """Answer a call at once (error, replayed retry), or file it as running or as a new session."""
+        call, fut = job.item, job.future
+        try:
+            session, replay = self._match(call)
+        except SpecdError as e:
+            fut.set_exception(e)
+            return
+        if replay is not None:
+            fut.set_result(replay)
+        elif session is None:
+            fresh.append(job)
+        elif any(s is session for _, s in running):
+            fut.set_exception(RoundMismatchError(f"session {call.session_id}: round {call.round} sent twice "
+                                                 "concurrently", session.next_round))
+        else:
+            running.append((job, session))
+
+    def _step(self, running: list[Running], fresh: list[Job]) -> int:
+        """Make room for the running calls, admit waiting sessions into what is left, run one pass over both."""
+        self.admission.take(lambda w: w.job.future.done())                 # failed by the worker: forget
+        for job in fresh:
             try:
-                session, replay = self._admit(call)
-            except SpecdError as e:
-                fut.set_exception(e)
-                continue
-            if replay is not None:
-                fut.set_result(replay)
-            elif any(s is session for _, _, s in runnable):
-                fut.set_exception(RoundMismatchError(f"session {call.session_id}: round {call.round} sent twice "
-                                                     "concurrently", session.next_round))
-            else:
-                runnable.append((call, fut, session))
+                self.admission.offer(job, len(job.item.new_tokens) + job.item.proposal.k)
+            except KVCacheExhaustedError as e:
+                job.future.set_exception(e)
+        for w in self.admission.take(lambda w: self.sessions.get(w.session_id) is not None):
+            self._dispatch(w.job, running, [])          # a retried first call whose session now exists: replay
+        running, growth = self._make_room(running)
+        free = self.executor.allocator.num_free - growth
+        admitted = self.admission.admit(free, self.sessions.max_sessions - len(self.sessions),
+                                        idle=len(self.sessions) == 0)
+        free -= sum(w.blocks for w in admitted)
+        for w in self.admission.overflow():
+            w.job.future.set_exception(KVCacheExhaustedError(self.admission.full_message(w, free)))
+        runnable = [(job.item, job.future, session) for job, session in running]
+        for w in admitted:
+            # A new session, or one re-prefilled after a loss: its round number is kept, so a resumed request
+            # draws from the same random streams.
+            session = self.sessions.create(w.session_id)
+            session.next_round = w.job.item.round
+            runnable.append((w.job.item, w.job.future, session))
         if not runnable:
             return 0
         try:
             return self._verify_batch(runnable)
-        except Exception:
-            # The KV may hold unverified drafts: drop the batch's sessions (a gateway re-prefills on NOT_FOUND);
-            # the worker hands the error to every caller of the batch and goes on.
+        except Exception as e:  # noqa: BLE001 - confined to this pass's callers; the thread goes on
+            # The KV may hold unverified drafts: drop the batch's sessions (a gateway re-prefills on NOT_FOUND).
             log.exception("verify batch of %d failed: its sessions are dropped", len(runnable))
-            for _, _, session in runnable:
+            for _, fut, session in runnable:
                 self._release(session.session_id)
-            raise
+                if not fut.done():
+                    fut.set_exception(e)
+            return 0
+
+    def _make_room(self, running: list[Running]) -> tuple[list[Running], int]:
+        """Free blocks for the running calls' growth; -> (the calls still to run, the blocks they will take).
+
+        A call that needs more than the whole cache fails alone. Otherwise, while the growth does not fit, the
+        session with the least progress (fewest rounds: a re-prefilled one keeps its round, hence its rank; the
+        newest among equals) is preempted, whether its call is in this pass or still to come."""
+        bs, alloc = self.block_size, self.executor.allocator
+        kept: list[tuple[Job, Session, int]] = []
+        for job, session in running:
+            call, held = job.item, self.executor.num_tokens(session.seq_id)
+            total = blocks_for(held + len(call.new_tokens) + call.proposal.k, bs)
+            if total > alloc.num_blocks:
+                self._release(session.session_id)
+                job.future.set_exception(KVCacheExhaustedError(
+                    f"session {call.session_id!r}: {held} cached + {len(call.new_tokens)} new + K={call.proposal.k} "
+                    f"tokens need {total} KV blocks of {bs} tokens, the whole cache holds {alloc.num_blocks}"))
+                continue
+            kept.append((job, session, total - blocks_for(held, bs)))
+        need = sum(g for _, _, g in kept)
+        for victim in sorted(self.sessions.all(), key=lambda s: (s.next_round, -s.seq_id)):
+            if need <= alloc.num_free:
+                break
+            if self.executor.num_tokens(victim.seq_id) == 0:
+                continue
+            self._release(victim.session_id)
+            self.preemptions += 1
+            log.info("session %s preempted: KV cache full (%d blocks needed, %d free)", victim.session_id, need,
+                     alloc.num_free)
+            for i, (job, session, g) in enumerate(kept):
+                if session is victim:
+                    del kept[i]
+                    need -= g
+                    job.future.set_exception(UnknownSessionError(
+                        f"session {victim.session_id!r} was preempted to free KV blocks for older sessions: "
+                        "re-prefill it by sending every committed token as new_tokens"))
+                    break
+        return [(job, session) for job, session, _ in kept], need
 
     def _verify_batch(self, runnable: list[tuple[VerifyCall, Future, Session]]) -> int:
         """One target pass over every runnable call; -> how many shared it (0: the pass was refused)."""
@@ -142,19 +252,16 @@ class VerifierEngine(BatchedEngine):
             fut.set_result(session.last_result)
         return len(runnable)
 
-    def _admit(self, call: VerifyCall) -> tuple[Session, VerifyResult | None]:
-        """Match a call to its session: (session, None) to run it, (session, reply) to replay a retry."""
+    def _match(self, call: VerifyCall) -> tuple[Session | None, VerifyResult | None]:
+        """Match a call to its session: (session, None) to run it, (session, reply) to replay a retry,
+        (None, None) for a new session (or one re-prefilled after a loss), which admission decides on."""
         session = self.sessions.get(call.session_id)
         if session is None:
-            # A new session, or one re-prefilled after a loss: the call carries every committed token. Its
-            # round number is kept, so a resumed request draws from the same random streams.
             if call.committed_len != len(call.new_tokens):
-                raise UnknownSessionError(f"session {call.session_id!r} is unknown here (expired, released or "
-                                          "the verifier restarted): re-prefill it by sending every committed "
-                                          "token as new_tokens")
-            session = self.sessions.create(call.session_id)
-            session.next_round = call.round
-            return session, None
+                raise UnknownSessionError(f"session {call.session_id!r} is unknown here (expired, released, "
+                                          "preempted or the verifier restarted): re-prefill it by sending every "
+                                          "committed token as new_tokens")
+            return None, None
         if call.round == session.next_round - 1 and session.last_result is not None:
             return session, session.last_result                 # a retried round: same reply, KV untouched
         if call.round != session.next_round:
@@ -169,6 +276,11 @@ class VerifierEngine(BatchedEngine):
     def _drop_new_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id)
         self.executor.free(session.seq_id)
+
+    @staticmethod
+    def _fail(job: Job, err: Exception) -> None:
+        if not job.future.done():
+            job.future.set_exception(err)
 
     def _validate(self, call: VerifyCall) -> None:
         """Input checks that need no session state (raised to the caller at once, as INVALID_ARGUMENT)."""

@@ -6,6 +6,11 @@ from collections import deque
 from common.errors import KVCacheExhaustedError
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens (what the engines count before a pass, to admit what fits)."""
+    return -(-num_tokens // block_size)
+
+
 class BlockAllocator:
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
