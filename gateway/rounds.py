@@ -99,7 +99,7 @@ class RoundRunner:
 
     def _k_limit(self, r: Request) -> int:
         """What the services accept: the draft's K and context limits, and the verifier's K limit."""
-        limit = self.draft_link.k_limit(len(r.context))
+        limit = self.draft_link.k_limit(r.num_tokens)
         return limit if self.verifier_k_max is None else min(limit, self.verifier_k_max)
 
     async def _propose(self, r: Request, request_id: str, k: int,
@@ -126,7 +126,7 @@ class RoundRunner:
                       sampling) -> tuple[verifier_pb2.VerifyReply, str, float]:
         for attempt in range(2):
             req = verifier_pb2.VerifyRequest(
-                session_id=session, round=r.stats.rounds, committed_len=len(r.context), new_tokens=r.pending,
+                session_id=session, round=r.stats.rounds, committed_len=r.num_tokens, new_tokens=r.pending,
                 sampling=sampling)
             if draft is not None:
                 req.draft_token_ids.extend(draft.token_ids)
@@ -137,7 +137,7 @@ class RoundRunner:
             except grpc.aio.AioRpcError as e:
                 if attempt == 0 and session_lost(e):
                     log.warning("verifier lost session %s (%s): re-prefilling %d tokens", session, e.details(),
-                                len(r.context))
+                                r.num_tokens)
                     if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
                         await self._release(session)             # out of step, but still open there: free it
                     session = f"{request_id}-{r.stats.rounds}-resync"    # as long after many resyncs as after one

@@ -63,7 +63,7 @@ class SpeculativeDecoder:
                   for r, p in zip(batch, proposals)]
         t = time.perf_counter()
         logits = self.target.forward(chunks).logits
-        outcomes = self.sampler([VerifyInput(row, p, r.params, r.stats.rounds, len(r.context))
+        outcomes = self.sampler([VerifyInput(row, p, r.params, r.stats.rounds, r.num_tokens)
                                  for r, p, row in zip(batch, proposals, logits)])
         verify_s = time.perf_counter() - t
         timed_draft = draft_s if getattr(self.proposer, "has_model", True) else None
@@ -73,7 +73,7 @@ class SpeculativeDecoder:
             r.stats.verify_s += verify_s
             if p.k:
                 r.stats.draft_s += draft_s or 0.0
-            self.target.truncate(r.seq_id, len(r.context) + out.num_accepted)   # drop rejected drafts' K/V
+            self.target.truncate(r.seq_id, r.num_tokens + out.num_accepted)   # drop rejected drafts' K/V
             r.apply(out, self.stop)
             if r.finished:
                 self.release(r)

@@ -39,6 +39,11 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        """len(context), without building it (checked after every emitted token)."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -47,7 +52,7 @@ class Request:
         `k_limit` (what the draft and verifier services accept)."""
         if not can_draft:
             return 0
-        room = max_model_len - len(self.context)           # the verifier's KV must hold committed + K tokens
+        room = max_model_len - self.num_tokens           # the verifier's KV must hold committed + K tokens
         if k_limit is not None:
             room = min(room, k_limit)
         k = self.controller.choose(limit=room) if self.controller is not None else self.fixed_k
@@ -88,7 +93,7 @@ class StopConditions:
         """Why `r` ends with `token` just appended, or None."""
         if token in self.eos and not r.params.ignore_eos:
             return "stop"
-        if len(r.output_ids) >= r.params.max_tokens or len(r.context) >= self.max_model_len:
+        if len(r.output_ids) >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
             return "length"
         if self.stop_check is not None and r.params.stop and self.stop_check(r):
             return "stop"
