@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,10 @@ class TPGroup:
 
 
 _SINGLE = TPGroup()
+# How long one collective waits for its peers before it fails (torch's default for gloo). It bounds a wait on a
+# peer that is alive but stuck; a dead peer is noticed at once by the ranks' RankWatch, and an idle worker rank
+# (waiting for the next call inside a broadcast) is kept alive by rank 0's keep-alive well within it.
+COLLECTIVE_TIMEOUT_S = 1800.0
 
 
 def single_rank() -> TPGroup:
@@ -60,8 +65,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def init_tp_group(rank: int, world_size: int, init_method: str, device: str) -> TPGroup:
-    """Join (or create) the default process group: NCCL for CUDA, gloo for CPU."""
+def init_tp_group(rank: int, world_size: int, init_method: str, device: str,
+                  timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TPGroup:
+    """Join (or create) the default process group: NCCL for CUDA, gloo for CPU. `timeout_s` bounds the
+    rendezvous and every collective."""
     if world_size == 1:
         return TPGroup()
     backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -72,5 +79,6 @@ def init_tp_group(rank: int, world_size: int, init_method: str, device: str) -> 
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if not dist.is_initialized():
         kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, **kwargs)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
     return TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD)

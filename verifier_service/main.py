@@ -4,11 +4,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import sys
 import time
 
 from common.rpc.flags import add_model_flags, add_server_flags, env_default, prefix_cache_config, server_config
 
 log = logging.getLogger("specd.verifier")
+
+# A dead TP rank: the exit code (the orchestrator restarts the process), and how long the process stays up first so
+# the calls that already failed get their UNAVAILABLE on the wire and probes can read NOT_SERVING.
+EXIT_RANK_LOST = 3
+RANK_LOSS_GRACE_S = 0.5
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,10 +49,27 @@ async def serve(args) -> None:
                        interceptors=server_interceptors(tracing))
     metrics.start_metrics_server(args.metrics_port, args.host)
     t0 = time.perf_counter()
+
+    def on_rank_loss(err: Exception) -> None:
+        # On the executor's watch thread. The engine thread may be stuck in a collective and cannot be joined, so
+        # the process ends here, without the orderly drain.
+        health = host.mark_unavailable(str(err))
+        if health is not None:
+            try:
+                health.result(timeout=RANK_LOSS_GRACE_S)
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
+        time.sleep(RANK_LOSS_GRACE_S)
+        log.critical("exiting with code %d: %s", EXIT_RANK_LOST, err)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RANK_LOST)
+
     executor = TPExecutor(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp,
                                        kv_cache_memory_gib=args.kv_cache_gib,
                                        max_model_len=args.max_model_len or None, max_num_seqs=args.max_sessions,
-                                       prefix_cache=prefix_cache_config(args)))
+                                       prefix_cache=prefix_cache_config(args)),
+                          on_rank_loss=on_rank_loss)
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
                             session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions)
     metrics.watch_engine(metrics.VERIFIER_QUEUE_DEPTH, lambda: engine.queue_depth, executor.allocator)

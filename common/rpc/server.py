@@ -5,6 +5,7 @@ period)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import time
@@ -86,14 +87,18 @@ class ServiceHost:
             if self.health_server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
                 raise OSError(f"cannot bind the health port {config.host}:{config.health_port}")
         self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.out_of_service: str | None = None    # why the service can never serve again (mark_unavailable)
 
     async def set_serving(self, serving: bool) -> None:
+        serving = serving and self.out_of_service is None
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
     async def run(self, warm_up: Callable[[], Awaitable[None]] | None = None,
                   on_drained: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await self.set_serving(False)
         await self.server.start()
         if self.health_server is not None:
@@ -127,3 +132,15 @@ class ServiceHost:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def mark_unavailable(self, reason: str) -> concurrent.futures.Future | None:
+        """From any thread, for good (an engine that lost a rank or its device): health NOT_SERVING and new RPCs
+        refused with UNAVAILABLE; RPCs in flight are left to fail or finish. Returns the future of the health
+        update, or None before `run()` (health will then never turn SERVING)."""
+        log.error("out of service: %s", reason)
+        self.out_of_service = reason
+        self.admission.draining = True
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return None
+        return asyncio.run_coroutine_threadsafe(self.set_serving(False), loop)

@@ -1,11 +1,20 @@
-"""Two spawned gloo ranks give the same logits as one rank, for prefill, decode and a K+1-token extend."""
+"""Two spawned gloo ranks give the same logits as one rank, for prefill, decode and a K+1-token extend; a rank
+that dies is reported at once and fails the calls instead of hanging them; an idle group stays up."""
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+
 import pytest
 import torch
 
 from common.config import EngineConfig
 from common.engine.greedy import greedy_generate
 from common.engine.model_runner import SequenceChunk
+from common.engine.rank_watch import RankWatch, TPRankLostError
 from common.engine.tp_executor import TPExecutor
+from common.errors import EngineStoppedError
 
 
 def _script(ex):
@@ -43,3 +52,92 @@ def test_tp2_errors_reach_the_caller_and_the_group_keeps_working(tiny_checkpoint
             ex.forward([SequenceChunk(0, [999])])
         out = ex.forward([SequenceChunk(0, [1, 2, 3])])
         assert out.logits[0].shape == (1, 128) and out.cached_tokens == [0]
+
+
+# ---- a rank that dies --------------------------------------------------------------------------------------------
+def test_rank_watch_reports_the_first_death_once_with_its_exit_code():
+    ctx = mp.get_context("spawn")
+    procs = {1: ctx.Process(target=time.sleep, args=(60,), daemon=True),
+             2: ctx.Process(target=time.sleep, args=(60,), daemon=True)}
+    for p in procs.values():
+        p.start()
+    reports = []
+    watch = RankWatch.of_processes(procs, lambda *a: reports.append(a))
+    assert not watch.wait_lost(0.3) and reports == []
+    t = time.monotonic()
+    os.kill(procs[2].pid, signal.SIGKILL)
+    assert watch.wait_lost(2.0)
+    assert time.monotonic() - t < 1.0
+    time.sleep(0.1)                           # the handler runs right after the event is set
+    procs[1].kill()
+    time.sleep(0.3)
+    assert reports == [(2, -signal.SIGKILL)] and watch.lost_rank == 2
+
+
+def test_a_stopped_rank_watch_reports_nothing():
+    p = mp.get_context("spawn").Process(target=time.sleep, args=(60,), daemon=True)
+    p.start()
+    reports = []
+    watch = RankWatch({1: p.sentinel}, lambda *a: reports.append(a))
+    watch.stop()
+    p.kill()
+    p.join()
+    time.sleep(0.3)
+    assert reports == [] and not watch.lost
+
+
+def test_a_killed_rank_fails_the_call_in_flight_and_every_later_one(tiny_checkpoints):
+    """The engine thread's calls never hang on a dead peer: the one running and all later ones raise
+    TPRankLostError (UNAVAILABLE) within 2 s, and the owner hears of it once, as fast."""
+    lost, heard = [], threading.Event()
+
+    def on_rank_loss(err):
+        lost.append(err)
+        heard.set()
+    ex = TPExecutor(EngineConfig(model=str(tiny_checkpoints["qwen2"]), num_kv_blocks=32, block_size=4, tp_size=2),
+                    on_rank_loss=on_rank_loss)
+    try:
+        errors = []
+
+        def engine_thread():
+            try:
+                while True:                   # prefill, decode, roll back, free: every kind of replayed call
+                    ex.forward([SequenceChunk(0, [1, 2, 3, 4, 5], num_logits=5)])
+                    ex.forward([SequenceChunk(0, [6])])
+                    ex.truncate(0, 3)
+                    ex.free(0)
+            except Exception as e:  # noqa: BLE001 - what the test checks
+                errors.append((time.monotonic(), e))
+        worker = threading.Thread(target=engine_thread, daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        assert worker.is_alive() and not lost
+        t = time.monotonic()
+        os.kill(ex._workers[0].pid, signal.SIGKILL)
+        worker.join(timeout=5)
+        assert not worker.is_alive(), "the engine thread hangs on the dead rank"
+        (failed_at, err), = errors
+        assert isinstance(err, TPRankLostError) and isinstance(err, EngineStoppedError)
+        assert failed_at - t < 2.0
+        assert heard.wait(2.0 - (time.monotonic() - t))
+        time.sleep(0.2)
+        assert ex.lost and len(lost) == 1 and isinstance(lost[0], TPRankLostError)
+        assert "rank 1 of 2" in str(lost[0]) and f"exit code {-signal.SIGKILL}" in str(lost[0])
+        with pytest.raises(TPRankLostError, match="must be restarted"):
+            ex.forward([SequenceChunk(1, [1, 2])])
+    finally:
+        t = time.monotonic()
+        ex.shutdown()
+        assert time.monotonic() - t < 10
+
+
+def test_idle_ranks_outlive_the_collective_timeout(tiny_checkpoints):
+    """A worker rank waits for the next call inside a broadcast, which fails after the group's timeout: rank 0's
+    keep-alive keeps an idle group up (without it the worker died after `collective_timeout_s`)."""
+    lost = []
+    with TPExecutor(EngineConfig(model=str(tiny_checkpoints["qwen2"]), num_kv_blocks=8, tp_size=2),
+                    on_rank_loss=lost.append, collective_timeout_s=12, keepalive_s=1) as ex:
+        time.sleep(14)
+        out = ex.forward([SequenceChunk(0, [1, 2, 3])])
+        assert out.logits[0].shape == (1, 128)
+        assert ex._workers[0].is_alive() and not lost
