@@ -208,10 +208,10 @@ class VerifierEngine(BatchedEngine):
                 break
             if self.executor.num_tokens(victim.seq_id) == 0:
                 continue
+            log.info("session %s preempted: KV cache full (%d blocks needed to grow, %d free)", victim.session_id,
+                     need, alloc.num_free)
             self._release(victim.session_id)
             self.preemptions += 1
-            log.info("session %s preempted: KV cache full (%d blocks needed, %d free)", victim.session_id, need,
-                     alloc.num_free)
             for i, (job, session, g) in enumerate(kept):
                 if session is victim:
                     del kept[i]

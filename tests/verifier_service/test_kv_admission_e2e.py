@@ -1,7 +1,7 @@
 """KV-aware admission through the real topology (verifier TP=1, draft and gateway as processes, tiny checkpoints):
 32 concurrent requests whose prompts need 3× the verifier's KV cache all complete (sessions wait, are preempted
-and re-prefilled by the gateway), each equal to its in-process target-only twin, and the verifier ends with no
-session and no KV block held."""
+and re-prefilled by the gateway), each equal to its in-process twin (target-only when greedy, the same draft when
+seeded), and the verifier ends with no session and no KV block held."""
 import concurrent.futures as cf
 import random
 
@@ -43,13 +43,21 @@ def test_traffic_three_times_the_cache_completes_exactly_through_the_gateway(top
     rng = random.Random(3)
     prompts = [[rng.randrange(1, 128) for _ in range(rng.randint(40, 110))] for _ in range(32)]
     assert sum(-(-len(p) // BLOCK) for p in prompts) >= 3 * NUM_BLOCKS
-    with LLM(models[0], dtype="float32", kv_cache_memory_gib=0.05) as llm:
-        expected = [llm.generate([p], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))[0].token_ids
-                    for p in prompts]
+    # Every other request samples (seeded): a re-prefilled session keeps its round counter, so it draws the same.
+    params = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=1.0, top_p=0.9, seed=i, max_tokens=MAX_TOKENS, ignore_eos=True)
+              for i in range(len(prompts))]
+    with LLM(models[0], models[1], num_speculative_tokens=3, dtype="float32", kv_cache_memory_gib=0.05) as llm:
+        expected = [llm.generate([p], sp, proposer=None if sp.greedy else "draft")[0].token_ids
+                    for p, sp in zip(prompts, params)]
     assert scrape(topo.metrics_port)["specd_kv_blocks_free"] == NUM_BLOCKS
+
+    def generate(p, sp):
+        sampled = {} if sp.greedy else dict(temperature=1.0, top_p=0.9, seed=sp.seed, num_speculative_tokens=3)
+        return client.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True, **sampled)
     with SpecdClient(f"127.0.0.1:{topo.gateway_port}", timeout_s=120) as client, \
             cf.ThreadPoolExecutor(32) as pool:
-        replies = list(pool.map(lambda p: client.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True), prompts))
+        replies = list(pool.map(generate, prompts, params))
     assert [list(r.token_ids) for r in replies] == expected
     assert max(r.stats.max_verify_batch_size for r in replies) > 1
     idle = {"specd_kv_blocks_used": 0, "specd_verifier_sessions": 0, "specd_verifier_queue_depth": 0,
