@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 
-from common.errors import RoundMismatchError
+from common.errors import KVCacheExhaustedError, RoundMismatchError
 from common.rpc.convert import sampling_to_pb
 from common.rpc.errors import reason_of
 from common.rpc.generated.specd.v1 import draft_pb2, verifier_pb2
@@ -114,7 +114,8 @@ class RoundRunner:
         except grpc.aio.AioRpcError as e:
             if e.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 raise                                           # our own bug or bad input: do not hide it
-            self.draft_link.failed(e)
+            if reason_of(e) != KVCacheExhaustedError.reason:    # this request's context alone not fitting the
+                self.draft_link.failed(e)                       # draft now pauses nobody else's drafting
             return None, None
         dt = time.perf_counter() - t
         metrics.DRAFT_LATENCY.observe(dt)

@@ -25,7 +25,7 @@ from common.errors import (EngineStoppedError, KVCacheExhaustedError, RoundMisma
 from common.speculative.proposal import DraftProposal
 from common.speculative.rejection import RejectionSampler, VerifyInput
 from common.speculative.params import SamplingParams
-from common.telemetry.metrics import VERIFIER_BATCH_SIZE
+from common.telemetry.metrics import VERIFIER_BATCH_SIZE, VERIFIER_PREEMPTIONS
 from common.telemetry.tracing import attached
 from common.validation import check_fits_context, check_id, check_token_ids
 from common.kv.block_allocator import blocks_for
@@ -212,6 +212,7 @@ class VerifierEngine(BatchedEngine):
                      need, alloc.num_free)
             self._release(victim.session_id)
             self.preemptions += 1
+            VERIFIER_PREEMPTIONS.inc()
             for i, (job, session, g) in enumerate(kept):
                 if session is victim:
                     del kept[i]

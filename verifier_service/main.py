@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="verify calls waiting beyond this are refused with RESOURCE_EXHAUSTED")
     p.add_argument("--session-ttl-s", type=float, default=env_default("session_ttl_s", 300.0))
     p.add_argument("--max-sessions", type=int, default=env_default("max_sessions", 1024))
+    p.add_argument("--max-waiting", type=int, default=env_default("max_waiting", 64),
+                   help="new sessions that may wait for free KV blocks; one more is refused with RESOURCE_EXHAUSTED "
+                        "(SPECD_MAX_WAITING)")
+    p.add_argument("--max-wait-s", type=float, default=env_default("max_wait_s", 60.0),
+                   help="a session waiting longer than this for KV blocks is refused (SPECD_MAX_WAIT_S)")
 
 
 async def serve(args) -> None:
@@ -71,9 +76,11 @@ async def serve(args) -> None:
                                        prefix_cache=prefix_cache_config(args)),
                           on_rank_loss=on_rank_loss)
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
-                            session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions)
+                            session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions,
+                            max_waiting=args.max_waiting, max_wait_s=args.max_wait_s)
     metrics.watch_engine(metrics.VERIFIER_QUEUE_DEPTH, lambda: engine.queue_depth, executor.allocator)
     metrics.VERIFIER_SESSIONS.set_function(lambda: len(engine.sessions))
+    metrics.VERIFIER_WAITING.set_function(lambda: engine.waiting)
     info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(engine, info), host.server)
     log.info("verifier loaded %s (tp=%d) in %.1fs", args.model, args.tp, time.perf_counter() - t0)

@@ -52,6 +52,9 @@ DRAFT_QUEUE_DEPTH = Gauge("specd_draft_queue_depth", "Propose calls waiting for 
 KV_BLOCKS_USED = Gauge("specd_kv_blocks_used", "Paged KV blocks held by sequences (this service's model)")
 KV_BLOCKS_FREE = Gauge("specd_kv_blocks_free", "Paged KV blocks free (this service's model)")
 VERIFIER_SESSIONS = Gauge("specd_verifier_sessions", "Verifier sessions open (each holds its request's KV blocks)")
+VERIFIER_WAITING = Gauge("specd_verifier_waiting_sessions", "New or re-prefilled sessions waiting for free KV blocks")
+VERIFIER_PREEMPTIONS = Counter("specd_verifier_preemptions", "Running sessions preempted for lack of KV blocks (freed, "
+                               "then re-prefilled by the gateway)")
 
 # ---- prefix cache (verifier and draft) ------------------------------------------------------------------------
 PREFIX_CACHE_LOOKUPS = Counter("specd_prefix_cache_lookups", "Prefix block lookups; tier: local|redis, "

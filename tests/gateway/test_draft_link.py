@@ -1,5 +1,6 @@
 """DraftLink through the RoundRunner: the draft's Info checked on every (re)connection, and its limits capping K."""
-from tests.gateway.fake_stubs import FINGERPRINT, FakeDraft, FakeVerifier, target_output
+from common.errors import KVCacheExhaustedError
+from tests.gateway.fake_stubs import FINGERPRINT, FakeDraft, FakeVerifier, rpc_error, target_output
 from tests.gateway.round_harness import (PROMPT, SETTINGS, Code, FakeClock, collect, drafts_per_round, request,
                                          runner)
 
@@ -45,3 +46,20 @@ def test_k_stays_within_what_the_draft_and_the_verifier_accept():
     assert r.output_ids == target_output(PROMPT, 12)
     assert drafts_per_round(short)[0] == 3 and drafts_per_round(short)[-1] == 0
     assert r.stats.fallback_rounds == 0                   # a limit, not a failure
+
+
+def test_a_context_the_draft_cannot_hold_now_skips_drafting_for_that_round_only():
+    verifier, draft = FakeVerifier(), FakeDraft()
+    answer = draft.Propose
+
+    async def propose(req, timeout):
+        if len(draft.requests) == 1:                       # the second Propose: no room in the draft's KV
+            draft.requests.append(req)
+            raise rpc_error(Code.RESOURCE_EXHAUSTED, "needs 9 blocks, 2 free", KVCacheExhaustedError.reason)
+        return await answer(req, timeout)
+    draft.Propose = propose
+    r = request(max_tokens=16, k=2)
+    collect(runner(verifier, draft), r)
+    assert r.output_ids == target_output(PROMPT, 16)
+    assert drafts_per_round(verifier)[:3] == [2, 0, 2]    # the next round drafts again: no breaker pause
+    assert r.stats.fallback_rounds == 1
