@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.checkpoints import build_checkpoint
-from tests.memory_watch import MemoryWatch
+from tests.memory_watch import MemoryWatch, release_memory
 
 _memory = MemoryWatch()
 
@@ -17,10 +17,19 @@ def pytest_runtest_logstart(nodeid, location):
     _memory.current_test = nodeid
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _return_memory_after_each_module():
+    """A module's models are freed when its fixtures end; hand the pages back to the OS too, so the next module's
+    processes (a three-service topology of the real pair) never sit beside this one's leftovers."""
+    yield
+    release_memory()
+
+
 def pytest_terminal_summary(terminalreporter):
     _memory.stop()
     terminalreporter.write_line(f"peak memory of the test run (pytest + its processes, RSS summed): "
-                                f"{_memory.peak_bytes / 2**30:.2f} GiB, during {_memory.peak_test or '-'}")
+                                f"{_memory.peak_bytes / 2**30:.2f} GiB (pytest itself "
+                                f"{_memory.peak_own_bytes / 2**30:.2f} GiB), during {_memory.peak_test or '-'}")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """common/fast_tokenizer/ against transformers' tokenizer of the same folder (common.tokenizer.load_tokenizer).
 
-Each folder's pair of tokenizers is loaded once per module. The real Qwen2.5-Coder / SmolLM2 folders are
-`real_model` tests, skipped when not fetched; the tiny word-level folders (tests/checkpoints.py::build_tokenizer,
-plus variants with chat templates and extra special tokens) need no real model.
+Each folder's pair of tokenizers is loaded once per module (hence one file of ~340 lines, not several). The real
+Qwen2.5-Coder / SmolLM2 folders are `real_model` tests, skipped when not fetched; the tiny word-level folders
+(tests/checkpoints.py::build_tokenizer, plus variants with chat templates and extra special tokens) need no real
+model.
 """
 from __future__ import annotations
 

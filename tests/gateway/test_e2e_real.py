@@ -1,6 +1,4 @@
 """The real Qwen pair through the three services (verifier TP=2): greedy output equals in-process target-only."""
-import gc
-
 import pytest
 
 from common.distributed import free_port
@@ -9,6 +7,7 @@ from common.speculative.params import SamplingParams
 from common.tokenizer import encode_prompt
 from gateway.client import SpecdClient
 from scripts.dev.topology import LocalTopology
+from tests.memory_watch import release_memory
 
 pytestmark = pytest.mark.real_model
 
@@ -18,15 +17,22 @@ PROMPTS = [("def fizzbuzz(n):\n", False),
 MAX_TOKENS = 64
 
 
-def test_real_pair_through_the_gateway_equals_target_only(real_models, tmp_path):
-    target, draft = str(real_models["target"]), str(real_models["draft"])
+def _target_only(target: str) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts' ids and their target-only greedy output, in process (the model is freed on return)."""
     # float32 on both paths: TP=2 and batched verification then agree with one-rank decoding to ~1e-5
     with LLM(target, dtype="float32", kv_cache_memory_gib=0.25) as llm:
         ids = [encode_prompt(llm.tokenizer, text, chat) for text, chat in PROMPTS]
-        expected = [o.token_ids for o in llm.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
-    gc.collect()                                          # free the in-process model before the services load
+        return ids, [o.token_ids for o in llm.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
+
+
+def test_real_pair_through_the_gateway_equals_target_only(real_models, tmp_path):
+    target, draft = str(real_models["target"]), str(real_models["draft"])
+    ids, expected = _target_only(target)
+    release_memory()                                      # the in-process model is gone before the services load
     ports = (free_port(), free_port(), free_port())
-    with LocalTopology(target, draft, tp=2, dtype="float32", ports=ports, k="auto", log_dir=tmp_path) as topo:
+    # 3 prompts of < 200 tokens need a few MiB of KV: 1 GiB per rank and per service is the default (memory budget)
+    with LocalTopology(target, draft, tp=2, dtype="float32", ports=ports, k="auto", log_dir=tmp_path,
+                       extra_env={"SPECD_KV_CACHE_GIB": "0.125"}) as topo:
         with SpecdClient(f"127.0.0.1:{topo.gateway_port}") as client:
             for prompt, exp in zip(ids, expected):
                 reply = client.generate(prompt, max_tokens=MAX_TOKENS, ignore_eos=True)

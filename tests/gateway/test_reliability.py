@@ -1,6 +1,9 @@
 """Faults, drain, cancellation, load, bad and random input through the whole topology: verifier (TP=2), draft and
 gateway as real processes on loopback, tiny checkpoints. Each test asserts one promise of docs/reliability.md and
-prints its figures (merged into $SPECD_RELIABILITY_REPORT when set)."""
+prints its figures (merged into $SPECD_RELIABILITY_REPORT when set).
+
+One file of ~400 lines on purpose: every drill shares the module's one topology and reference outputs (started and
+computed once), which a split would start again per file."""
 import collections
 import concurrent.futures as cf
 import math
