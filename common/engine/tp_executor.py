@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 
 from common.config import EngineConfig
-from common.distributed import COLLECTIVE_TIMEOUT_S, TPGroup, free_port, init_tp_group
+from common.distributed import COLLECTIVE_TIMEOUT_S, free_port, init_tp_group
 from common.engine.forward_io import ForwardOutput, SequenceChunk
 from common.engine.model_runner import ModelRunner
 from common.engine.rank_watch import RankWatch, TPRankLostError

@@ -5,7 +5,7 @@ import logging
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from common.errors import ConfigError
 from common.rpc.generated.specd.v1 import gateway_pb2, gateway_pb2_grpc
