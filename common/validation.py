@@ -22,6 +22,18 @@ def check_fits_context(field: str, num_tokens: int, extra: int, max_model_len: i
         raise ValueError(f"{field}: {num_tokens} tokens + {extra_name}={extra} exceeds max_model_len={max_model_len}")
 
 
+MAX_CACHE_NAMESPACE_CHARS = 64
+
+
+def check_cache_namespace(field: str, value: str) -> None:
+    """A prefix-cache tenant id: empty (the shared namespace) or up to 64 printable ASCII characters."""
+    if len(value) > MAX_CACHE_NAMESPACE_CHARS:
+        raise ValueError(f"{field}: {len(value)} characters, must be <= {MAX_CACHE_NAMESPACE_CHARS}")
+    bad = [c for c in value if not 32 < ord(c) < 127]
+    if bad:
+        raise ValueError(f"{field}: character {bad[0]!r} is not printable ASCII (without spaces)")
+
+
 def check_id(field: str, value: str, max_chars: int = 128) -> None:
     """A client-chosen identifier (request id, session id): 1..max_chars characters."""
     if not value or len(value) > max_chars:

@@ -31,7 +31,7 @@ from common.speculative.proposers import ProposeInput
 from common.speculative.params import SamplingParams
 from common.telemetry.metrics import DRAFT_BATCH_SIZE
 from common.telemetry.tracing import attached, current_context
-from common.validation import check_fits_context, check_id, check_token_ids
+from common.validation import check_cache_namespace, check_fits_context, check_id, check_token_ids
 
 MAX_REQUEST_ID_CHARS = 128          # the id keys the soft cache: bounded like the verifier's session ids
 
@@ -43,6 +43,7 @@ class ProposeCall:
     k: int
     params: SamplingParams
     round_index: int
+    cache_namespace: str = ""      # prefix-cache tenant ("" = shared)
     enqueued: float = 0.0
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it
 
@@ -65,7 +66,7 @@ class Drafter(BatchedEngine):
         self.proposer = DraftModelProposer(runner, max_support=max_support)
         self.vocab_size = runner.model_config.vocab_size
         self.max_model_len = runner.max_model_len
-        self._seq_of: OrderedDict[str, int] = OrderedDict()     # request id -> sequence, LRU order
+        self._seq_of: OrderedDict[tuple[str, str], int] = OrderedDict()   # (namespace, request id) -> seq, LRU
         self._next_seq = 1
         # A batch's sequences must all fit the runner; two calls of one request would share a sequence.
         self._worker: BatchWorker[ProposeCall] = BatchWorker(
@@ -74,15 +75,17 @@ class Drafter(BatchedEngine):
 
     # ---- API (any thread) ---------------------------------------------------------------------------------
     def submit(self, request_id: str, context: list[int], k: int, params: SamplingParams,
-               round_index: int) -> Future:
-        """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once."""
+               round_index: int, cache_namespace: str = "") -> Future:
+        """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once.
+        `cache_namespace`: the prefix-cache tenant ("" = shared)."""
         self._validate(request_id, context, k)
-        return self._worker.submit(ProposeCall(request_id, list(context), k, params, round_index,
+        check_cache_namespace("cache_namespace", cache_namespace)
+        return self._worker.submit(ProposeCall(request_id, list(context), k, params, round_index, cache_namespace,
                                                time.perf_counter(), current_context()))
 
     def propose(self, request_id: str, context: list[int], k: int, params: SamplingParams,
-                round_index: int, timeout: float | None = None) -> DraftResult:
-        return self.submit(request_id, context, k, params, round_index).result(timeout)
+                round_index: int, timeout: float | None = None, cache_namespace: str = "") -> DraftResult:
+        return self.submit(request_id, context, k, params, round_index, cache_namespace).result(timeout)
 
     @property
     def cached_sequences(self) -> int:
@@ -96,8 +99,8 @@ class Drafter(BatchedEngine):
         """The worker's batch step: draft the batch's calls together, in groups that each fit the KV cache."""
         calls: list[ProposeCall] = [job.item for job in batch]
         start = time.perf_counter()
-        seqs = [self._sequence_for(call.request_id) for call in calls]
-        requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index)
+        seqs = [self._sequence_for(call.request_id, call.cache_namespace) for call in calls]
+        requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index, call.cache_namespace)
                     for seq, call in zip(seqs, calls)]
         proposals: list[DraftProposal] = []
         later = set(seqs)
@@ -171,13 +174,15 @@ class Drafter(BatchedEngine):
                 f"context_token_ids: {len(context)} tokens + K={k} need {need} KV blocks of "
                 f"{self.runner.config.block_size} tokens, the draft's whole cache holds {total}")
 
-    def _sequence_for(self, request_id: str) -> int:
-        if request_id and request_id in self._seq_of:
-            self._seq_of.move_to_end(request_id)
-            return self._seq_of[request_id]
+    def _sequence_for(self, request_id: str, cache_namespace: str = "") -> int:
+        # Keyed by tenant too: another tenant's call with the same request id never reuses (or learns of) its KV.
+        key = (cache_namespace, request_id)
+        if request_id and key in self._seq_of:
+            self._seq_of.move_to_end(key)
+            return self._seq_of[key]
         seq = self._next_seq
         self._next_seq += 1
-        self._seq_of[request_id or f"anonymous-{seq}"] = seq
+        self._seq_of[(cache_namespace, request_id or f"anonymous-{seq}")] = seq
         return seq
 
     def _evict(self, keep: set[int], limit: int) -> None:

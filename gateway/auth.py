@@ -4,7 +4,8 @@ Keys come from a file (one per line, `#` comments) and/or `SPECD_API_KEYS` (comm
 `authorization: Bearer <key>` (or `x-api-key: <key>`). The presented key is hashed and compared with every
 configured key's hash in constant time, so neither timing nor logs reveal keys: logs and spans name a key by
 the first 8 hex digits of its sha256 only. Each key has a token bucket (`rate_per_s`, `burst`); an empty bucket
-answers RESOURCE_EXHAUSTED at once. Health checks and reflection need no key.
+answers RESOURCE_EXHAUSTED at once. Health checks and reflection need no key. An admitted call's handler runs with
+its key id in `current_key_id()` (the servicer names the caller's prefix-cache namespace with it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from common.rpc.infra_methods import INFRA_METHOD_PREFIXES
 
 log = logging.getLogger(__name__)
 
+_KEY_ID: ContextVar[str] = ContextVar("specd_api_key_id", default="")
+
 MIN_KEY_CHARS = 16
 WARN_EVERY_S = 10.0                   # refusals are logged at most this often per key id / reason
 
@@ -31,6 +35,11 @@ WARN_EVERY_S = 10.0                   # refusals are logged at most this often p
 def key_id(key: str) -> str:
     """How logs and spans name a key: never the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def current_key_id() -> str:
+    """The key id of the call being handled; "" without API keys (or outside a call)."""
+    return _KEY_ID.get()
 
 
 def load_api_keys(path: str | None = None, env: str | None = None) -> list[str]:
@@ -154,7 +163,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             self._refused("rate_limited", f"calls refused: rate limit hit by key {kid}", kid)
             return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"rate limit: {self.auth.limit.describe()}; retry later")
-        return handler
+        return _with_key_id(handler, kid)
 
     def _refused(self, reason: str, message: str, kid: str = "") -> None:
         """Count every refusal; log at most once per WARN_EVERY_S per (reason, key id), so a flood cannot flood
@@ -187,6 +196,29 @@ def _refusing(handler, code: grpc.StatusCode, message: str):
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(unary, **kw)
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
+
+
+def _with_key_id(handler, kid: str):
+    """`handler`, run with `current_key_id()` = `kid`: set inside the handler's own task, so the servicer sees it
+    whatever task ran the interceptor."""
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        inner = handler.unary_stream or handler.stream_stream
+
+        async def streaming(request, context):
+            _KEY_ID.set(kid)
+            async for item in inner(request, context):
+                yield item
+        make = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
+                else grpc.unary_stream_rpc_method_handler)
+        return make(streaming, **kw)
+    inner = handler.unary_unary or handler.stream_unary
+
+    async def unary(request, context):
+        _KEY_ID.set(kid)
+        return await inner(request, context)
+    make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return make(unary, **kw)
 
 
 def _ignore(_: bytes) -> None:

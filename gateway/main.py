@@ -50,6 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="requests per second per API key, sustained (SPECD_RATE_LIMIT_RPS; 0 = no limit)")
     auth.add_argument("--rate-limit-burst", type=int, default=env_default("rate_limit_burst", 20),
                       help="requests a key may send at once (SPECD_RATE_LIMIT_BURST)")
+    auth.add_argument("--shared-prefix-cache", action="store_true", default=env_default("shared_prefix_cache", False),
+                      help="all API keys share one prefix-cache namespace (SPECD_SHARED_PREFIX_CACHE=1); by default "
+                           "each key's prompts hit only blocks that key published, so neither cached-token counts "
+                           "nor time to first token tell one tenant what another sent")
+    auth.add_argument("--report-cached-tokens", choices=("on", "off"),
+                      default=env_default("report_cached_tokens", None),
+                      help="return SpecStats.prefix_cached_tokens to clients, else 0 (SPECD_REPORT_CACHED_TOKENS; "
+                           "default: off when API keys are configured, on otherwise)")
 
 
 def upstream_tls_config(args):
@@ -97,6 +105,21 @@ def check_args(args) -> None:
     upstream_tls_config(args)
     load_api_keys(args.api_keys_file)
     RateLimit(args.rate_limit_rps, args.rate_limit_burst)
+    report_cached_tokens(args, False)
+
+
+def report_cached_tokens(args, keys_configured: bool) -> bool:
+    """--report-cached-tokens, or its default: off when API keys are configured (a shared namespace's count says
+    what others sent), on otherwise."""
+    from common.errors import ConfigError
+    choice = args.report_cached_tokens
+    if choice is None:
+        return not keys_configured
+    value = {"on": True, "1": True, "true": True, "yes": True, "off": False, "0": False, "false": False,
+             "no": False}.get(str(choice).lower())
+    if value is None:
+        raise ConfigError(f"--report-cached-tokens={choice!r}: must be on or off")
+    return value
 
 
 def api_key_interceptors(args, tls) -> list:
@@ -183,8 +206,14 @@ async def serve(args) -> None:
     rounds = RoundRunner(verifier, draft, eos, v_info.max_model_len, settings, CostModel(),
                          stop_check=stop_string_checker(tokenizer), fingerprint=v_info.vocab_fingerprint,
                          verifier_k_max=v_info.k_max)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(rounds, tokenizer, k, args.k_max, v_info.vocab_size),
-                                                   host.server)
+    report = report_cached_tokens(args, bool(auth))
+    servicer = GatewayServicer(rounds, tokenizer, k, args.k_max, v_info.vocab_size,
+                               tenant_prefix_cache=not args.shared_prefix_cache, report_cached_tokens=report)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.server)
+    if auth:
+        log.info("gateway: prefix cache %s; cached-token counts %s",
+                 "shared by all API keys" if args.shared_prefix_cache else "one namespace per API key",
+                 "reported" if report else "not reported (0)")
     log.info("gateway: verifier %s (%s), draft %s, K=%s", args.verifier, v_info.model_id, args.draft or "none", k)
 
     async def drained():

@@ -65,8 +65,10 @@ class RoundRunner:
         self.costs = costs
         self.draft_link = DraftLink(draft, fingerprint, settings.draft_retry_s) if draft is not None else None
 
-    async def run(self, r: Request, request_id: str | None = None) -> AsyncIterator[list[int]]:
-        """Run rounds until `r` finishes; yield the tokens each round appended."""
+    async def run(self, r: Request, request_id: str | None = None,
+                  cache_namespace: str = "") -> AsyncIterator[list[int]]:
+        """Run rounds until `r` finishes; yield the tokens each round appended. `cache_namespace`: the caller's
+        prefix-cache tenant, sent to the draft and the verifier ("" = the shared namespace)."""
         request_id = request_id or uuid.uuid4().hex
         session = f"{request_id}-0"
         sampling = sampling_to_pb(r.params)
@@ -78,10 +80,12 @@ class RoundRunner:
                     can_draft = self.draft_link is not None and await self.draft_link.ready()
                     draft_down = self.draft_link is not None and not can_draft
                     k = r.choose_k(self.max_model_len, can_draft, k_limit=self._k_limit(r) if can_draft else None)
-                    draft, draft_s = await self._propose(r, request_id, k, sampling) if k else (None, None)
+                    draft, draft_s = (await self._propose(r, request_id, k, sampling, cache_namespace) if k
+                                      else (None, None))
                     fallback = draft_down or (k > 0 and draft is None)
                     r.stats.fallback_rounds += fallback
-                    reply, session, verify_s = await self._verify(r, request_id, session, draft, sampling)
+                    reply, session, verify_s = await self._verify(r, request_id, session, draft, sampling,
+                                                                  cache_namespace)
                     outcome = VerifyOutcome(list(reply.accepted_token_ids), reply.next_token_id,
                                             len(draft.token_ids) if draft is not None else 0)
                     observe_pass_costs(self.costs, [r], draft_steps=k, draft_s=draft_s,
@@ -102,12 +106,12 @@ class RoundRunner:
         limit = self.draft_link.k_limit(r.num_tokens)
         return limit if self.verifier_k_max is None else min(limit, self.verifier_k_max)
 
-    async def _propose(self, r: Request, request_id: str, k: int,
-                       sampling) -> tuple[draft_pb2.ProposeReply | None, float | None]:
+    async def _propose(self, r: Request, request_id: str, k: int, sampling,
+                       cache_namespace: str = "") -> tuple[draft_pb2.ProposeReply | None, float | None]:
         """The draft's reply, kept as it came (its q′ is forwarded to the verifier unread), and the call's
         seconds; (None, None) when the draft failed or missed its deadline: the round becomes plain decoding."""
         req = draft_pb2.ProposeRequest(request_id=request_id, context_token_ids=r.context, k=k, sampling=sampling,
-                                       round=r.stats.rounds)
+                                       round=r.stats.rounds, cache_namespace=cache_namespace)
         t = time.perf_counter()
         try:
             reply = await self.draft.Propose(req, timeout=self.settings.draft_timeout_s)
@@ -124,11 +128,11 @@ class RoundRunner:
         return reply, dt
 
     async def _verify(self, r: Request, request_id: str, session: str, draft: draft_pb2.ProposeReply | None,
-                      sampling) -> tuple[verifier_pb2.VerifyReply, str, float]:
+                      sampling, cache_namespace: str = "") -> tuple[verifier_pb2.VerifyReply, str, float]:
         for attempt in range(2):
             req = verifier_pb2.VerifyRequest(
                 session_id=session, round=r.stats.rounds, committed_len=r.num_tokens, new_tokens=r.pending,
-                sampling=sampling)
+                sampling=sampling, cache_namespace=cache_namespace)
             if draft is not None:
                 req.draft_token_ids.extend(draft.token_ids)
                 req.draft_dists.extend(draft.dists)             # q′ as the draft sent it: never decoded here

@@ -18,6 +18,7 @@ from common.speculative.request import Request
 from common.telemetry import metrics
 from common.tokenizer import encode_prompt
 from common.validation import check_token_ids
+from gateway.auth import current_key_id
 from gateway.rounds import RoundRunner
 from gateway.text import IncrementalText
 
@@ -28,8 +29,14 @@ PROMPT_CHARS_PER_TOKEN = 32
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, rounds: RoundRunner, tokenizer, k_default: int | str, k_max: int, vocab_size: int):
+    def __init__(self, rounds: RoundRunner, tokenizer, k_default: int | str, k_max: int, vocab_size: int, *,
+                 tenant_prefix_cache: bool = True, report_cached_tokens: bool = True):
+        """`tenant_prefix_cache`: each API key gets its own prefix-cache namespace (its key id; without keys there
+        is only the shared one); `report_cached_tokens`: SpecStats.prefix_cached_tokens is returned, else 0 (the
+        count tells a caller whether someone sharing its namespace sent the same prefix)."""
         self.rounds = rounds
+        self.tenant_prefix_cache = tenant_prefix_cache
+        self.report_cached_tokens = report_cached_tokens
         self.tokenizer = tokenizer
         self.k_default = k_default
         self.k_max = k_max
@@ -72,8 +79,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise ValueError(f"num_speculative_tokens={k}: must be -1 (auto) or in [0, {self.k_max}]")
         return k
 
-    @staticmethod
-    def _stats(r: Request, started: float) -> gateway_pb2.SpecStats:
+    def _stats(self, r: Request, started: float) -> gateway_pb2.SpecStats:
         s = r.stats
         return gateway_pb2.SpecStats(
             rounds=s.rounds, drafted=s.drafted, accepted=s.accepted, acceptance_rate=s.acceptance_rate,
@@ -81,7 +87,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             fallback_rounds=s.fallback_rounds, draft_ms=s.draft_s * 1000, verify_ms=s.verify_s * 1000,
             total_ms=(time.perf_counter() - started) * 1000, max_verify_batch_size=s.max_verify_batch_size,
             draft_compute_ms=s.draft_compute_s * 1000, verify_compute_ms=s.verify_compute_s * 1000,
-            wire_bytes=s.wire_bytes, queue_ms=s.queue_s * 1000, prefix_cached_tokens=s.prefix_cached_tokens)
+            wire_bytes=s.wire_bytes, queue_ms=s.queue_s * 1000,
+            prefix_cached_tokens=s.prefix_cached_tokens if self.report_cached_tokens else 0)
 
     # ---- RPCs -----------------------------------------------------------------------------------------
     async def Generate(self, request, context):
@@ -112,7 +119,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             r = self._build(request)
             text = IncrementalText(self.tokenizer, r.params.stop)
-            async with contextlib.aclosing(self.rounds.run(r, uuid.uuid4().hex)) as rounds:
+            namespace = current_key_id() if self.tenant_prefix_cache else ""
+            async with contextlib.aclosing(self.rounds.run(r, uuid.uuid4().hex, namespace)) as rounds:
                 async for appended in rounds:
                     if r.finished:
                         self._finished(r)

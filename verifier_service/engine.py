@@ -27,7 +27,7 @@ from common.speculative.rejection import RejectionSampler, VerifyInput
 from common.speculative.params import SamplingParams
 from common.telemetry.metrics import VERIFIER_BATCH_SIZE, VERIFIER_PREEMPTIONS
 from common.telemetry.tracing import attached
-from common.validation import check_fits_context, check_id, check_token_ids
+from common.validation import check_cache_namespace, check_fits_context, check_id, check_token_ids
 from common.kv.block_allocator import blocks_for
 from verifier_service.admission import AdmissionPolicy, AdmissionQueue
 from verifier_service.sessions import Session, SessionTable, VerifyResult
@@ -45,6 +45,7 @@ class VerifyCall:
     new_tokens: list[int]
     proposal: DraftProposal
     params: SamplingParams
+    cache_namespace: str = ""      # prefix-cache tenant ("" = shared); read when the call creates the session
     enqueued: float = 0.0
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it (set by the servicer)
 
@@ -226,8 +227,8 @@ class VerifierEngine(BatchedEngine):
     def _verify_batch(self, runnable: list[tuple[VerifyCall, Future, Session]]) -> int:
         """One target pass over every runnable call; -> how many shared it (0: the pass was refused)."""
         t = time.perf_counter()
-        chunks = [SequenceChunk(s.seq_id, c.new_tokens + c.proposal.token_ids, num_logits=c.proposal.k + 1)
-                  for c, _, s in runnable]
+        chunks = [SequenceChunk(s.seq_id, c.new_tokens + c.proposal.token_ids, num_logits=c.proposal.k + 1,
+                                cache_namespace=c.cache_namespace) for c, _, s in runnable]
         try:
             with attached(runnable[0][0].trace_context if len(runnable) == 1 else None):   # cache spans join it
                 fwd = self.executor.forward(chunks)
@@ -286,6 +287,7 @@ class VerifierEngine(BatchedEngine):
     def _validate(self, call: VerifyCall) -> None:
         """Input checks that need no session state (raised to the caller at once, as INVALID_ARGUMENT)."""
         check_id("session_id", call.session_id)
+        check_cache_namespace("cache_namespace", call.cache_namespace)
         check_token_ids("new_tokens", call.new_tokens, self.vocab_size)
         if not 0 <= call.proposal.k <= self.k_max:
             raise ValueError(f"draft_token_ids: K={call.proposal.k} must be in [0, {self.k_max}]")

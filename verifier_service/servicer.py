@@ -32,7 +32,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
         try:
             call = VerifyCall(request.session_id, request.round, request.committed_len, list(request.new_tokens),
                               proposal_from_pb(request.draft_token_ids, request.draft_dists),
-                              sampling_from_pb(request.sampling if request.HasField("sampling") else None))
+                              sampling_from_pb(request.sampling if request.HasField("sampling") else None),
+                              request.cache_namespace)
             call.trace_context = otel_context.get_current()     # the engine thread's spans join this RPC's trace
             result = await asyncio.wrap_future(self.engine.submit(call))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message

@@ -16,6 +16,7 @@ class SequenceChunk:
     seq_id: int
     token_ids: list[int]
     num_logits: int = 1
+    cache_namespace: str = ""      # prefix-cache tenant of a new sequence ("" = shared); later chunks: ignored
 
     def __post_init__(self):
         if not self.token_ids:

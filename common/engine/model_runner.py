@@ -16,7 +16,7 @@ from common.engine.forward_io import ForwardOutput, SequenceChunk
 from common.errors import ConfigError, SequenceTooLongError
 from common.kv.block_allocator import BlockAllocator
 from common.kv.block_codec import BlockGeometry
-from common.kv.block_hash import chain_hashes, namespace_root
+from common.kv.block_hash import chain_hashes, namespace_root, tenant_root
 from common.kv.block_table import BlockTable
 from common.kv.kv_cache import PagedKVCache
 from common.kv.prefix_cache import PrefixCache
@@ -82,6 +82,7 @@ class ModelRunner:
         self._tokens: dict[int, list[int]] = {}         # token ids whose K/V each sequence holds
         self._hashes: dict[int, list[bytes]] = {}       # chained hashes of its full blocks, as far as computed
         self._published: dict[int, int] = {}            # leading full blocks already in (or from) the cache
+        self._roots: dict[int, bytes] = {}              # each sequence's chain root: its tenant's namespace
 
     def close(self) -> None:
         if self.prefix_cache is not None:
@@ -108,7 +109,7 @@ class ModelRunner:
         if table is not None:
             table.release(self.allocator)
         if self.prefix_cache is not None:
-            for d in (self._tokens, self._hashes, self._published):
+            for d in (self._tokens, self._hashes, self._published, self._roots):
                 d.pop(seq_id, None)
 
     def _table(self, seq_id: int) -> BlockTable:
@@ -155,6 +156,8 @@ class ModelRunner:
                 self._tokens.setdefault(c.seq_id, []).extend(c.token_ids)
                 self._hashes.setdefault(c.seq_id, [])
                 self._published.setdefault(c.seq_id, 0)
+                if c.seq_id not in self._roots:
+                    self._roots[c.seq_id] = tenant_root(self._prefix_root, c.cache_namespace)
         logits = logits.float()                                                   # [sum num_logits_i, vocab]
         return ForwardOutput(list(logits.split([c.num_logits for c in chunks])), cached)
 
@@ -172,7 +175,8 @@ class ModelRunner:
         for i in new:
             c = chunks[i]
             if (len(c.token_ids) - c.num_logits) // bs >= 1:
-                wanted[i] = chain_hashes(self._prefix_root, c.token_ids, bs, (len(c.token_ids) - c.num_logits) // bs)
+                root = tenant_root(self._prefix_root, c.cache_namespace)     # a tenant finds only its own blocks
+                wanted[i] = chain_hashes(root, c.token_ids, bs, (len(c.token_ids) - c.num_logits) // bs)
         if not wanted:
             if self.tp.is_driver:
                 PREFIX_CACHE_TOKENS.labels("computed").inc(sum(len(chunks[i].token_ids) for i in new))
@@ -194,7 +198,7 @@ class ModelRunner:
                 self._hashes[c.seq_id] = wanted[i][:m]
                 self._published[c.seq_id] = m
                 loaded.append(c.seq_id)
-                c = SequenceChunk(c.seq_id, c.token_ids[m * bs:], c.num_logits)
+                c = SequenceChunk(c.seq_id, c.token_ids[m * bs:], c.num_logits, c.cache_namespace)
             else:
                 m = 0
             if i in new and self.tp.is_driver:
@@ -211,7 +215,7 @@ class ModelRunner:
         if full <= start:
             return
         tokens = self._tokens[seq_id]
-        hashes = chain_hashes(self._prefix_root, tokens, bs, full, known=self._hashes[seq_id])
+        hashes = chain_hashes(self._roots[seq_id], tokens, bs, full, known=self._hashes[seq_id])
         self._hashes[seq_id] = hashes
         index = torch.tensor(table.blocks[start:full], device=self.device)
         kv = self.kv_cache.storage.index_select(2, index).permute(2, 0, 1, 3, 4, 5)   # [n, 2, layers, bs, h, hd]

@@ -16,6 +16,14 @@ def namespace_root(model_fingerprint: str, dtype: str, block_size: int, tp_rank:
     return hashlib.sha256(ident.encode()).digest()
 
 
+def tenant_root(root: bytes, cache_namespace: str) -> bytes:
+    """The root of one tenant's chains: blocks are shared only between sequences with the same `cache_namespace`;
+    "" is the shared namespace and keeps `root` itself (nothing changes where no tenant is named)."""
+    if not cache_namespace:
+        return root
+    return hashlib.sha256(root + b"|tenant=" + cache_namespace.encode()).digest()
+
+
 def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
     return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}i", *token_ids)).digest()
 

@@ -19,6 +19,7 @@ class ProposeInput:
     k: int                         # tokens to propose, >= 1
     params: SamplingParams
     round_index: int = 0
+    cache_namespace: str = ""      # prefix-cache tenant of the sequence ("" = shared)
 
 
 class Proposer(Protocol):

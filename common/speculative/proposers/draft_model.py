@@ -42,7 +42,8 @@ class DraftModelProposer:
         chunks = []
         for r, proposal in zip(requests, proposals):
             proposal.cached_tokens = self._sync(r.seq_id, r.context)
-            chunks.append(SequenceChunk(r.seq_id, r.context[proposal.cached_tokens:]))
+            chunks.append(SequenceChunk(r.seq_id, r.context[proposal.cached_tokens:],
+                                        cache_namespace=r.cache_namespace))
         active = list(range(len(requests)))
         step = 0
         while active:
