@@ -20,13 +20,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Propose calls waiting beyond this are refused with RESOURCE_EXHAUSTED (SPECD_MAX_QUEUE)")
 
 
+async def warm_up(drafter, timeout_s: float = 600.0) -> None:
+    """One proposal before SERVING, awaited on the engine thread: the event loop (and the health service on it,
+    answering NOT_SERVING) never waits while the first pass runs."""
+    from common.speculative.params import SamplingParams
+    call = drafter.submit("__warmup__", [1, 2, 3, 4], 2, SamplingParams(), 0)
+    await asyncio.wait_for(asyncio.wrap_future(call), timeout=timeout_s)
+
+
 async def serve(args) -> None:
     from common.config import EngineConfig
     from common.engine.model_runner import ModelRunner
     from common.rpc.generated.specd.v1 import draft_pb2_grpc
     from common.rpc.model_info import model_info
     from common.rpc.server import ServiceHost
-    from common.speculative.params import SamplingParams
     from common.telemetry import metrics
     from common.telemetry.server_interceptor import server_interceptors
     from common.telemetry.tracing import DRAFT, setup_tracing, shutdown_tracing
@@ -50,14 +57,9 @@ async def serve(args) -> None:
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, info), host.server)
     log.info("draft loaded %s in %.1fs", args.model, time.perf_counter() - t0)
 
-    async def warm_up():
-        # awaited, never waited on: health probes keep answering (NOT_SERVING) while the first pass runs
-        await asyncio.wait_for(asyncio.wrap_future(drafter.submit("__warmup__", [1, 2, 3, 4], 2, SamplingParams(),
-                                                                  0)), timeout=600)
-
     async def drained():
         drafter.shutdown()
         runner.close()
         shutdown_tracing(tracing)
 
-    await host.run(warm_up, drained)
+    await host.run(lambda: warm_up(drafter), drained)
