@@ -97,6 +97,19 @@ class VerifierEngine(BatchedEngine):
             self.executor.free(session.seq_id)
 
     # ---- engine thread ------------------------------------------------------------------------------------
+    def abandon(self, future: Future) -> None:
+        """The caller of `future` went away: if its call still waits for KV blocks, drop it now (not at max_wait_s).
+        Never blocks; a call already running finishes as usual."""
+        try:
+            self._worker.control(lambda: self._drop_waiting(future))
+        except EngineStoppedError:
+            pass                                    # shutting down: every waiter fails anyway
+
+    def _drop_waiting(self, future: Future) -> None:
+        for w in self.admission.take(lambda w: w.job.future is future):
+            self._fail(w.job, EngineStoppedError(f"session {w.session_id!r}: its caller went away while it waited "
+                                                 "for KV blocks"))
+
     def _release(self, session_id: str) -> bool:
         for w in self.admission.take(lambda w: w.session_id == session_id):
             self._fail(w.job, UnknownSessionError(f"session {session_id!r} released while waiting for KV blocks"))

@@ -35,7 +35,12 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
                               sampling_from_pb(request.sampling if request.HasField("sampling") else None),
                               request.cache_namespace)
             call.trace_context = otel_context.get_current()     # the engine thread's spans join this RPC's trace
-            result = await asyncio.wrap_future(self.engine.submit(call))
+            fut = self.engine.submit(call)
+            try:
+                result = await asyncio.wrap_future(fut)
+            except asyncio.CancelledError:
+                self.engine.abandon(fut)        # the caller left: a call waiting for KV blocks stops holding its place
+                raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
             await abort_with(context, e)
         span = trace.get_current_span()

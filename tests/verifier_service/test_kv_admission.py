@@ -183,3 +183,26 @@ def test_waiting_sessions_are_admitted_after_a_release_and_refused_past_the_boun
     finally:
         engine.shutdown()
         ex.shutdown()
+
+
+def test_a_waiting_call_whose_caller_went_away_gives_up_its_place(folder):
+    ex, engine = _engine(folder, 8, max_waiting=1)
+    try:
+        engine.submit(_call("big", 0, 20, list(range(1, 21)))).result(30)             # 5 of 8 blocks
+        waiting = engine.submit(_call("w", 0, 8, list(range(1, 9))))                  # 2 + 2 watermark > 3
+        time.sleep(0.3)
+        assert engine.waiting == 1
+        engine.abandon(waiting)                      # what the servicer does when the RPC is cancelled
+        deadline = time.monotonic() + 5
+        while engine.waiting and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.waiting == 0 and waiting.done()
+        other = engine.submit(_call("x", 0, 8, list(range(1, 9))))                    # the bound has room again
+        time.sleep(0.3)
+        assert engine.waiting == 1 and not other.done()
+        engine.release("x")
+        engine.release("big")
+        assert ex.allocator.num_free == 8 and len(engine.sessions) == 0 and engine.waiting == 0
+    finally:
+        engine.shutdown()
+        ex.shutdown()
