@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache system-deps clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache soak system-deps clean
 
 install: $(STAMP)
 
@@ -82,6 +82,11 @@ bench-services: install models
 # Prefix cache (off / in-process / Redis) time to first token, and the cost of tracing.
 bench-cache: install system-deps models
 	$(PY) -m bench.cache
+
+# Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
+SOAK_MINUTES ?= 20
+soak: install models
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
