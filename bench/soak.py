@@ -25,12 +25,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
 from bench.prompts import PROMPTS
 from bench.report import fetched_pair, goal, print_goals, print_table, write_result
+from scripts.dev.metrics_scrape import scrape
 
 DRAFT_EVERY_S = 120.0           # draft SIGKILL + restart period (the first one after half a period)
 WINDOW_GRACE_S = 5.0            # after the restarted verifier is SERVING: the gateway's channel reconnects
@@ -47,16 +47,6 @@ _LONG = {kind: "\n\n".join(text for _, k, text, _ in PROMPTS if k == kind or (ki
 GREEDY_PROMPTS = [("code_short", _SHORT["code"]), ("code_long", _LONG["code"]),
                   ("prose_short", _SHORT["prose"]), ("prose_long", _LONG["prose"])]
 OTHER_PROMPTS = [text for _, _, text, _ in PROMPTS] + [_LONG["code"], _LONG["prose"]]
-
-
-def scrape(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            values[s.name] = values.get(s.name, 0.0) + s.value
-    return values
 
 
 def rss_bytes(pid: int) -> int | None:

@@ -11,15 +11,14 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from common.distributed import free_port
 from common.rpc.health_check import check
+from scripts.dev.metrics_scrape import scrape
 
 # Status codes a service may answer to any input; INTERNAL / UNKNOWN mean an unhandled error, UNAVAILABLE a crash.
 EXPECTED_CODES = {"OK", "INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "RESOURCE_EXHAUSTED",
@@ -71,16 +70,6 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Every sample of a /metrics page by name, labelled samples summed (enough for gauges like KV blocks)."""
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            values[s.name] = values.get(s.name, 0.0) + s.value
-    return values
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.01) -> float:

@@ -1,0 +1,16 @@
+"""Read a service's Prometheus /metrics page (drills, the soak): every sample by name, labelled samples summed."""
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """Enough for gauges like KV blocks in use and for counters' totals; labels are summed away."""
+    body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            values[s.name] = values.get(s.name, 0.0) + s.value
+    return values
