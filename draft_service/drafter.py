@@ -71,15 +71,14 @@ class Drafter(BatchedEngine):
         # A batch's sequences must all fit the runner; two calls of one request would share a sequence.
         self._worker: BatchWorker[ProposeCall] = BatchWorker(
             self._run, name="propose", max_batch=min(max_batch, runner.config.max_num_seqs), max_queue=max_queue,
-            batch_key=lambda call: call.request_id or None)
+            batch_key=lambda call: (call.cache_namespace, call.request_id) if call.request_id else None)
 
     # ---- API (any thread) ---------------------------------------------------------------------------------
     def submit(self, request_id: str, context: list[int], k: int, params: SamplingParams,
                round_index: int, cache_namespace: str = "") -> Future:
         """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once.
         `cache_namespace`: the prefix-cache tenant ("" = shared)."""
-        self._validate(request_id, context, k)
-        check_cache_namespace("cache_namespace", cache_namespace)
+        self._validate(request_id, context, k, cache_namespace)
         return self._worker.submit(ProposeCall(request_id, list(context), k, params, round_index, cache_namespace,
                                                time.perf_counter(), current_context()))
 
@@ -161,7 +160,8 @@ class Drafter(BatchedEngine):
                 del self._seq_of[rid]
             self.proposer.release(seq)
 
-    def _validate(self, request_id: str, context: list[int], k: int) -> None:
+    def _validate(self, request_id: str, context: list[int], k: int, cache_namespace: str) -> None:
+        check_cache_namespace("cache_namespace", cache_namespace)
         if request_id:                  # empty: an anonymous call, drafted without a soft-cache entry to reuse
             check_id("request_id", request_id, MAX_REQUEST_ID_CHARS)
         check_token_ids("context_token_ids", context, self.vocab_size)

@@ -1,6 +1,7 @@
 """The verifier engine when its KV cache is too small for its traffic: new sessions wait or are refused before they
 start, running sessions that cannot grow preempt the ones with the least progress (re-prefilled by the caller, with
 identical output), and one long request never fails the others of its batch."""
+import contextlib
 import random
 import threading
 import time
@@ -14,6 +15,7 @@ from common.llm import LLM
 from common.speculative.params import SamplingParams
 from common.speculative.proposal import DraftProposal
 from tests.checkpoints import build_model_folder
+from tests.reliability import wait_until
 from verifier_service.engine import VerifierEngine, VerifyCall
 
 GREEDY = SamplingParams()
@@ -159,13 +161,24 @@ def test_a_session_that_cannot_grow_preempts_the_one_with_least_progress(folder)
         ex.shutdown()
 
 
-def test_waiting_sessions_are_admitted_after_a_release_and_refused_past_the_bound(folder):
+@contextlib.contextmanager
+def _one_waiter(folder):
+    """An 8-block cache with one session holding 5 blocks and a second one waiting (2 + 2 watermark > 3 free);
+    at most one may wait. Yields (executor, engine, the waiting call's future); idle afterwards is the test's job."""
     ex, engine = _engine(folder, 8, max_waiting=1)
     try:
-        engine.submit(_call("big", 0, 20, list(range(1, 21)))).result(30)             # 5 of 8 blocks
-        waiting = engine.submit(_call("w", 0, 8, list(range(1, 9))))                  # 2 + 2 watermark > 3
+        engine.submit(_call("big", 0, 20, list(range(1, 21)))).result(30)
+        waiting = engine.submit(_call("w", 0, 8, list(range(1, 9))))
         time.sleep(0.3)
         assert not waiting.done() and engine.waiting == 1
+        yield ex, engine, waiting
+    finally:
+        engine.shutdown()
+        ex.shutdown()
+
+
+def test_waiting_sessions_are_admitted_after_a_release_and_refused_past_the_bound(folder):
+    with _one_waiter(folder) as (ex, engine, waiting):
         t = time.monotonic()
         with pytest.raises(KVCacheExhaustedError, match=r"max_waiting=1"):
             engine.submit(_call("x", 0, 8, list(range(1, 9)))).result(30)
@@ -180,29 +193,16 @@ def test_waiting_sessions_are_admitted_after_a_release_and_refused_past_the_boun
         assert later.result(10).truncate_to == 8
         engine.release("later")
         assert ex.allocator.num_free == 8 and len(engine.sessions) == 0 and engine.waiting == 0
-    finally:
-        engine.shutdown()
-        ex.shutdown()
 
 
 def test_a_waiting_call_whose_caller_went_away_gives_up_its_place(folder):
-    ex, engine = _engine(folder, 8, max_waiting=1)
-    try:
-        engine.submit(_call("big", 0, 20, list(range(1, 21)))).result(30)             # 5 of 8 blocks
-        waiting = engine.submit(_call("w", 0, 8, list(range(1, 9))))                  # 2 + 2 watermark > 3
-        time.sleep(0.3)
-        assert engine.waiting == 1
+    with _one_waiter(folder) as (ex, engine, waiting):
         engine.abandon(waiting)                      # what the servicer does when the RPC is cancelled
-        deadline = time.monotonic() + 5
-        while engine.waiting and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert engine.waiting == 0 and waiting.done()
+        wait_until(lambda: engine.waiting == 0, 5, "the abandoned call dropped", interval_s=0.02)
+        assert waiting.done()
         other = engine.submit(_call("x", 0, 8, list(range(1, 9))))                    # the bound has room again
         time.sleep(0.3)
         assert engine.waiting == 1 and not other.done()
         engine.release("x")
         engine.release("big")
         assert ex.allocator.num_free == 8 and len(engine.sessions) == 0 and engine.waiting == 0
-    finally:
-        engine.shutdown()
-        ex.shutdown()
