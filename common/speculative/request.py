@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from common.errors import ConfigError
 from common.speculative.adaptive_k import AdaptiveK, CostModel
-from common.speculative.outcome import VerifyOutcome
+from common.speculative.outcome import TokenLogprob, VerifyOutcome
 from common.speculative.params import SamplingParams
 from common.speculative.stats import RequestStats
 
@@ -30,6 +30,7 @@ class Request:
     pending: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)    # aligned with output_ids (logprobs asked)
 
     def __post_init__(self):
         self.pending = list(self.prompt_ids)
@@ -64,13 +65,19 @@ class Request:
         self.stats.record(outcome.num_drafted, outcome.num_accepted)
         if self.controller is not None and outcome.num_drafted:
             self.controller.observe(outcome.num_drafted, outcome.num_accepted)
-        return self._commit(outcome.emitted, stop)
+        return self._commit(outcome.emitted, stop, outcome.logprobs)
 
-    def _commit(self, emitted: list[int], stop: StopConditions) -> list[int]:
+    def _commit(self, emitted: list[int], stop: StopConditions,
+                logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        if self.params.logprobs is not None and (logprobs is None or len(logprobs) != len(emitted)):
+            raise ValueError(f"logprobs asked for but the round gave {0 if logprobs is None else len(logprobs)} for "
+                             f"{len(emitted)} emitted tokens")
         appended = []
-        for token in emitted:
+        for i, token in enumerate(emitted):
             self.output_ids.append(token)
             appended.append(token)
+            if self.params.logprobs is not None:
+                self.output_logprobs.append(logprobs[i])
             self.finish_reason = stop.reason(self, token)
             if self.finished:
                 break

@@ -35,6 +35,14 @@ class RequestStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
+    def acceptance_histogram(self) -> list[int]:
+        """Rounds by accepted drafts: [i] = rounds that accepted i (vLLM's per-request acceptance histogram)."""
+        hist = [0] * (max(self.per_round_accepted, default=0) + 1)
+        for n in self.per_round_accepted:
+            hist[n] += 1
+        return hist if self.rounds else []
+
+    @property
     def mean_acceptance_length(self) -> float:
         """Tokens emitted per verify round: 1 + accepted / rounds."""
         return 1 + self.accepted / self.rounds if self.rounds else 0.0

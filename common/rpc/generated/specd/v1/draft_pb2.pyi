@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("request_id", "context_token_ids", "k", "sampling", "round", "cache_namespace")
+    __slots__ = ("request_id", "context_token_ids", "k", "sampling", "round", "cache_namespace", "prompt_len")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CACHE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     context_token_ids: _containers.RepeatedScalarFieldContainer[int]
     k: int
     sampling: _common_pb2.SamplingParams
     round: int
     cache_namespace: str
-    def __init__(self, request_id: _Optional[str] = ..., context_token_ids: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., round: _Optional[int] = ..., cache_namespace: _Optional[str] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, request_id: _Optional[str] = ..., context_token_ids: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., round: _Optional[int] = ..., cache_namespace: _Optional[str] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class ProposeReply(_message.Message):
     __slots__ = ("token_ids", "dists", "cached_tokens", "compute_ms", "queue_ms", "batch_size")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.rpc.generated.specd.v1 import common_pb2 as specd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specd/v1/gateway.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\x99\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x12.specd.v1.TokenIdsH\x00\x12\x19\n\x11use_chat_template\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12#\n\x16num_speculative_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05inputB\x19\n\x17_num_speculative_tokens\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xfe\x02\n\tSpecStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x02\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x17\n\x0f\x66\x61llback_rounds\x18\x07 \x01(\r\x12\x10\n\x08\x64raft_ms\x18\x08 \x01(\x02\x12\x11\n\tverify_ms\x18\t \x01(\x02\x12\x10\n\x08total_ms\x18\n \x01(\x02\x12\x1d\n\x15max_verify_batch_size\x18\x0b \x01(\r\x12\x18\n\x10\x64raft_compute_ms\x18\x0c \x01(\x02\x12\x19\n\x11verify_compute_ms\x18\r \x01(\x02\x12\x12\n\nwire_bytes\x18\x0e \x01(\x04\x12\x10\n\x08queue_ms\x18\x0f \x01(\x02\x12\x1c\n\x14prefix_cached_tokens\x18\x10 \x01(\r\"\x82\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\"\n\x05stats\x18\x05 \x01(\x0b\x32\x13.specd.v1.SpecStats\"k\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05stats\x18\x04 \x01(\x0b\x32\x13.specd.v1.SpecStats2\x91\x01\n\x07Gateway\x12>\n\x08Generate\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateReply\x12\x46\n\x0eGenerateStream\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16specd/v1/gateway.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\xd0\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12.\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x12.specd.v1.TokenIdsH\x00\x12*\n\x08messages\x18\t \x01(\x0b\x32\x16.specd.v1.ChatMessagesH\x00\x12\x19\n\x11use_chat_template\x18\x03 \x01(\x08\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12#\n\x16num_speculative_tokens\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\t\n\x01n\x18\n \x01(\x05\x42\x07\n\x05inputB\x19\n\x17_num_speculative_tokens\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43hatMessages\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.specd.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x9c\x03\n\tSpecStats\x12\x0e\n\x06rounds\x18\x01 \x01(\r\x12\x0f\n\x07\x64rafted\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x02\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x02\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x17\n\x0f\x66\x61llback_rounds\x18\x07 \x01(\r\x12\x10\n\x08\x64raft_ms\x18\x08 \x01(\x02\x12\x11\n\tverify_ms\x18\t \x01(\x02\x12\x10\n\x08total_ms\x18\n \x01(\x02\x12\x1d\n\x15max_verify_batch_size\x18\x0b \x01(\r\x12\x18\n\x10\x64raft_compute_ms\x18\x0c \x01(\x02\x12\x19\n\x11verify_compute_ms\x18\r \x01(\x02\x12\x12\n\nwire_bytes\x18\x0e \x01(\x04\x12\x10\n\x08queue_ms\x18\x0f \x01(\x02\x12\x1c\n\x14prefix_cached_tokens\x18\x10 \x01(\r\x12\x1c\n\x14\x61\x63\x63\x65ptance_histogram\x18\x11 \x03(\r\"\xa2\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05stats\x18\x05 \x01(\x0b\x32\x13.specd.v1.SpecStats\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.specd.v1.TokenLogprobs\"\xd4\x01\n\rGenerateReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\"\n\x05stats\x18\x05 \x01(\x0b\x32\x13.specd.v1.SpecStats\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.specd.v1.TokenLogprobs\x12%\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x14.specd.v1.Completion\"\xa5\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\"\n\x05stats\x18\x04 \x01(\x0b\x32\x13.specd.v1.SpecStats\x12\r\n\x05index\x18\x05 \x01(\r\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.specd.v1.TokenLogprobs2\x91\x01\n\x07Gateway\x12>\n\x08Generate\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateReply\x12\x46\n\x0eGenerateStream\x12\x19.specd.v1.GenerateRequest\x1a\x17.specd.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specd.v1.gateway_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=60
-  _globals['_GENERATEREQUEST']._serialized_end=341
-  _globals['_TOKENIDS']._serialized_start=343
-  _globals['_TOKENIDS']._serialized_end=366
-  _globals['_SPECSTATS']._serialized_start=369
-  _globals['_SPECSTATS']._serialized_end=751
-  _globals['_GENERATEREPLY']._serialized_start=754
-  _globals['_GENERATEREPLY']._serialized_end=884
-  _globals['_GENERATECHUNK']._serialized_start=886
-  _globals['_GENERATECHUNK']._serialized_end=993
-  _globals['_GATEWAY']._serialized_start=996
-  _globals['_GATEWAY']._serialized_end=1141
+  _globals['_GENERATEREQUEST']._serialized_end=396
+  _globals['_CHATMESSAGE']._serialized_start=398
+  _globals['_CHATMESSAGE']._serialized_end=442
+  _globals['_CHATMESSAGES']._serialized_start=444
+  _globals['_CHATMESSAGES']._serialized_end=499
+  _globals['_TOKENIDS']._serialized_start=501
+  _globals['_TOKENIDS']._serialized_end=524
+  _globals['_SPECSTATS']._serialized_start=527
+  _globals['_SPECSTATS']._serialized_end=939
+  _globals['_COMPLETION']._serialized_start=942
+  _globals['_COMPLETION']._serialized_end=1104
+  _globals['_GENERATEREPLY']._serialized_start=1107
+  _globals['_GENERATEREPLY']._serialized_end=1319
+  _globals['_GENERATECHUNK']._serialized_start=1322
+  _globals['_GENERATECHUNK']._serialized_end=1487
+  _globals['_GATEWAY']._serialized_start=1490
+  _globals['_GATEWAY']._serialized_end=1635
 # @@protoc_insertion_point(module_scope)

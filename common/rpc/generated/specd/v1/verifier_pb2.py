@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.rpc.generated.specd.v1 import common_pb2 as specd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specd/v1/verifier.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\xee\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x15\n\rcommitted_len\x18\x03 \x01(\r\x12\x12\n\nnew_tokens\x18\x04 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\x05\x12\x31\n\x0b\x64raft_dists\x18\x06 \x03(\x0b\x32\x1c.specd.v1.SparseDistribution\x12*\n\x08sampling\x18\x07 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x08 \x01(\t\"0\n\nKvRollback\x12\x13\n\x0btruncate_to\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\"\xcb\x01\n\x0bVerifyReply\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x01 \x03(\x05\x12\x15\n\rnext_token_id\x18\x02 \x01(\x05\x12\x10\n\x08is_bonus\x18\x03 \x01(\x08\x12&\n\x08rollback\x18\x04 \x01(\x0b\x32\x14.specd.v1.KvRollback\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x10\n\x08queue_ms\x18\x07 \x01(\x02\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xbc\x01\n\x0fVerifierService\x12\x38\n\x06Verify\x12\x17.specd.v1.VerifyRequest\x1a\x15.specd.v1.VerifyReply\x12;\n\x07Release\x12\x18.specd.v1.ReleaseRequest\x1a\x16.specd.v1.ReleaseReply\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specd/v1/verifier.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\x82\x02\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x15\n\rcommitted_len\x18\x03 \x01(\r\x12\x12\n\nnew_tokens\x18\x04 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x05 \x03(\x05\x12\x31\n\x0b\x64raft_dists\x18\x06 \x03(\x0b\x32\x1c.specd.v1.SparseDistribution\x12*\n\x08sampling\x18\x07 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x08 \x01(\t\x12\x12\n\nprompt_len\x18\t \x01(\r\"0\n\nKvRollback\x12\x13\n\x0btruncate_to\x18\x01 \x01(\r\x12\r\n\x05round\x18\x02 \x01(\r\"\xf6\x01\n\x0bVerifyReply\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x01 \x03(\x05\x12\x15\n\rnext_token_id\x18\x02 \x01(\x05\x12\x10\n\x08is_bonus\x18\x03 \x01(\x08\x12&\n\x08rollback\x18\x04 \x01(\x0b\x32\x14.specd.v1.KvRollback\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x12\n\ncompute_ms\x18\x06 \x01(\x02\x12\x10\n\x08queue_ms\x18\x07 \x01(\x02\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\x12)\n\x08logprobs\x18\t \x03(\x0b\x32\x17.specd.v1.TokenLogprobs\"$\n\x0eReleaseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xbc\x01\n\x0fVerifierService\x12\x38\n\x06Verify\x12\x17.specd.v1.VerifyRequest\x1a\x15.specd.v1.VerifyReply\x12;\n\x07Release\x12\x18.specd.v1.ReleaseRequest\x1a\x16.specd.v1.ReleaseReply\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specd.v1.verifier_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREQUEST']._serialized_start=61
-  _globals['_VERIFYREQUEST']._serialized_end=299
-  _globals['_KVROLLBACK']._serialized_start=301
-  _globals['_KVROLLBACK']._serialized_end=349
-  _globals['_VERIFYREPLY']._serialized_start=352
-  _globals['_VERIFYREPLY']._serialized_end=555
-  _globals['_RELEASEREQUEST']._serialized_start=557
-  _globals['_RELEASEREQUEST']._serialized_end=593
-  _globals['_RELEASEREPLY']._serialized_start=595
-  _globals['_RELEASEREPLY']._serialized_end=627
-  _globals['_VERIFIERSERVICE']._serialized_start=630
-  _globals['_VERIFIERSERVICE']._serialized_end=818
+  _globals['_VERIFYREQUEST']._serialized_end=319
+  _globals['_KVROLLBACK']._serialized_start=321
+  _globals['_KVROLLBACK']._serialized_end=369
+  _globals['_VERIFYREPLY']._serialized_start=372
+  _globals['_VERIFYREPLY']._serialized_end=618
+  _globals['_RELEASEREQUEST']._serialized_start=620
+  _globals['_RELEASEREQUEST']._serialized_end=656
+  _globals['_RELEASEREPLY']._serialized_start=658
+  _globals['_RELEASEREPLY']._serialized_end=690
+  _globals['_VERIFIERSERVICE']._serialized_start=693
+  _globals['_VERIFIERSERVICE']._serialized_end=881
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_id", "round", "committed_len", "new_tokens", "draft_token_ids", "draft_dists", "sampling", "cache_namespace")
+    __slots__ = ("session_id", "round", "committed_len", "new_tokens", "draft_token_ids", "draft_dists", "sampling", "cache_namespace", "prompt_len")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class VerifyRequest(_message.Message):
     DRAFT_DISTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     CACHE_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round: int
     committed_len: int
@@ -25,7 +26,8 @@ class VerifyRequest(_message.Message):
     draft_dists: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
     sampling: _common_pb2.SamplingParams
     cache_namespace: str
-    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., committed_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_dists: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_namespace: _Optional[str] = ...) -> None: ...
+    prompt_len: int
+    def __init__(self, session_id: _Optional[str] = ..., round: _Optional[int] = ..., committed_len: _Optional[int] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_dists: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., cache_namespace: _Optional[str] = ..., prompt_len: _Optional[int] = ...) -> None: ...
 
 class KvRollback(_message.Message):
     __slots__ = ("truncate_to", "round")
@@ -36,7 +38,7 @@ class KvRollback(_message.Message):
     def __init__(self, truncate_to: _Optional[int] = ..., round: _Optional[int] = ...) -> None: ...
 
 class VerifyReply(_message.Message):
-    __slots__ = ("accepted_token_ids", "next_token_id", "is_bonus", "rollback", "batch_size", "compute_ms", "queue_ms", "cached_tokens")
+    __slots__ = ("accepted_token_ids", "next_token_id", "is_bonus", "rollback", "batch_size", "compute_ms", "queue_ms", "cached_tokens", "logprobs")
     ACCEPTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     IS_BONUS_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class VerifyReply(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     accepted_token_ids: _containers.RepeatedScalarFieldContainer[int]
     next_token_id: int
     is_bonus: bool
@@ -53,7 +56,8 @@ class VerifyReply(_message.Message):
     compute_ms: float
     queue_ms: float
     cached_tokens: int
-    def __init__(self, accepted_token_ids: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., rollback: _Optional[_Union[KvRollback, _Mapping]] = ..., batch_size: _Optional[int] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    def __init__(self, accepted_token_ids: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., rollback: _Optional[_Union[KvRollback, _Mapping]] = ..., batch_size: _Optional[int] = ..., compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., cached_tokens: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_id",)
