@@ -165,6 +165,7 @@ async def serve(args) -> None:
     from common.telemetry.server_interceptor import server_interceptors
     from common.telemetry.tracing import GATEWAY, setup_tracing, shutdown_tracing
     from gateway.rounds import RoundRunner, RoundSettings
+    from gateway.generation import Generator
     from gateway.servicer import GatewayServicer
 
     k = parse_num_speculative_tokens(args.k, args.k_max)
@@ -207,8 +208,9 @@ async def serve(args) -> None:
                          stop_check=stop_string_checker(tokenizer), fingerprint=v_info.vocab_fingerprint,
                          verifier_k_max=v_info.k_max)
     report = report_cached_tokens(args, bool(auth))
-    servicer = GatewayServicer(rounds, tokenizer, k, args.k_max, v_info.vocab_size,
-                               tenant_prefix_cache=not args.shared_prefix_cache, report_cached_tokens=report)
+    generator = Generator(rounds, tokenizer, k, args.k_max, v_info.vocab_size,
+                          tenant_prefix_cache=not args.shared_prefix_cache)
+    servicer = GatewayServicer(generator, report_cached_tokens=report)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, host.server)
     if auth:
         log.info("gateway: prefix cache %s; cached-token counts %s",

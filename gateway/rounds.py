@@ -18,7 +18,7 @@ import grpc
 from opentelemetry import trace
 
 from common.errors import KVCacheExhaustedError, RoundMismatchError
-from common.rpc.convert import sampling_to_pb
+from common.rpc.convert import logprobs_from_pb, sampling_to_pb
 from common.rpc.errors import reason_of
 from common.rpc.generated.specd.v1 import draft_pb2, verifier_pb2
 from common.speculative.adaptive_k import CostModel
@@ -87,7 +87,9 @@ class RoundRunner:
                     reply, session, verify_s = await self._verify(r, request_id, session, draft, sampling,
                                                                   cache_namespace)
                     outcome = VerifyOutcome(list(reply.accepted_token_ids), reply.next_token_id,
-                                            len(draft.token_ids) if draft is not None else 0)
+                                            len(draft.token_ids) if draft is not None else 0,
+                                            logprobs_from_pb(reply.logprobs) if r.params.logprobs is not None
+                                            else None)
                     observe_pass_costs(self.costs, [r], draft_steps=k, draft_s=draft_s,
                                        verify_tokens=outcome.num_drafted + 1, verify_s=verify_s)
                     appended = r.apply(outcome, self.stop)
@@ -111,7 +113,8 @@ class RoundRunner:
         """The draft's reply, kept as it came (its q′ is forwarded to the verifier unread), and the call's
         seconds; (None, None) when the draft failed or missed its deadline: the round becomes plain decoding."""
         req = draft_pb2.ProposeRequest(request_id=request_id, context_token_ids=r.context, k=k, sampling=sampling,
-                                       round=r.stats.rounds, cache_namespace=cache_namespace)
+                                       round=r.stats.rounds, cache_namespace=cache_namespace,
+                                       prompt_len=len(r.prompt_ids))
         t = time.perf_counter()
         try:
             reply = await self.draft.Propose(req, timeout=self.settings.draft_timeout_s)
@@ -132,7 +135,7 @@ class RoundRunner:
         for attempt in range(2):
             req = verifier_pb2.VerifyRequest(
                 session_id=session, round=r.stats.rounds, committed_len=r.num_tokens, new_tokens=r.pending,
-                sampling=sampling, cache_namespace=cache_namespace)
+                sampling=sampling, cache_namespace=cache_namespace, prompt_len=len(r.prompt_ids))
             if draft is not None:
                 req.draft_token_ids.extend(draft.token_ids)
                 req.draft_dists.extend(draft.dists)             # q′ as the draft sent it: never decoded here

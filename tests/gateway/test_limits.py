@@ -8,7 +8,8 @@ from scripts.cli import build_parser
 from common.rpc.flags import server_config
 from common.rpc.generated.specd.v1 import gateway_pb2
 from common.speculative.adaptive_k import CostModel
-from gateway.servicer import PROMPT_CHARS_PER_TOKEN, GatewayServicer
+from gateway.generation import PROMPT_CHARS_PER_TOKEN, Generator
+from gateway.servicer import GatewayServicer
 
 
 class CountingTokenizer:
@@ -22,12 +23,12 @@ class CountingTokenizer:
 
 def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing():
     tokenizer = CountingTokenizer()
-    servicer = GatewayServicer(SimpleNamespace(max_model_len=8, costs=CostModel()), tokenizer, 0, 8, 100)
+    servicer = GatewayServicer(Generator(SimpleNamespace(max_model_len=8, costs=CostModel()), tokenizer, 0, 8, 100))
     limit = PROMPT_CHARS_PER_TOKEN * 8
     with pytest.raises(ValueError, match=rf"prompt: {limit + 1} characters, must be <= {limit} "):
-        servicer._build(gateway_pb2.GenerateRequest(prompt="x" * (limit + 1)))
+        servicer._spec(gateway_pb2.GenerateRequest(prompt="x" * (limit + 1)))
     assert tokenizer.calls == 0
-    assert servicer._build(gateway_pb2.GenerateRequest(prompt="x" * limit)).prompt_ids == [1, 1, 1]
+    assert servicer._spec(gateway_pb2.GenerateRequest(prompt="x" * limit)).prompt_ids == [1, 1, 1]
 
 
 def test_message_size_flag(monkeypatch):

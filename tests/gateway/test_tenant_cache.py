@@ -10,6 +10,7 @@ from common.speculative.adaptive_k import CostModel
 from gateway.auth import ApiKeyAuth, ApiKeyInterceptor, RateLimit, key_id
 from gateway.main import report_cached_tokens
 from gateway.rounds import RoundRunner, RoundSettings
+from gateway.generation import Generator
 from gateway.servicer import GatewayServicer
 from scripts.cli import build_parser
 from tests.common.rpc.loopback import BackgroundServer
@@ -52,11 +53,13 @@ class IdsTokenizer:
 
 
 def _gateway(verifier, draft, **servicer_kw) -> BackgroundServer:
+    generator_kw = {k: servicer_kw.pop(k) for k in ("tenant_prefix_cache",) if k in servicer_kw}
+
     async def build():
         rounds = RoundRunner(verifier, draft, frozenset(), 4096, RoundSettings(), CostModel(), fingerprint=FINGERPRINT)
         server = grpc.aio.server(interceptors=[ApiKeyInterceptor(ApiKeyAuth([KEY_1, KEY_2], RateLimit(0)))])
         gateway_pb2_grpc.add_GatewayServicer_to_server(
-            GatewayServicer(rounds, IdsTokenizer(), 2, 8, VOCAB, **servicer_kw), server)
+            GatewayServicer(Generator(rounds, IdsTokenizer(), 2, 8, VOCAB, **generator_kw), **servicer_kw), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         return server, port
