@@ -1,5 +1,6 @@
 """deploy/docker-compose.yml: valid against the compose specification, and consistent with the CLI it runs (flags,
 ports, GPUs = --tp, health checks through `specd health`), with its .env.example, and with the image."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from tests.deploy.manifests import (DEPLOY, GRPC_PORTS, SPECD_COMMANDS, compose_
 CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess:
@@ -201,3 +203,47 @@ def test_telemetry_and_cache_settings_point_at_their_services(compose, specd_ser
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
         if args.command in ("verifier", "draft"):
             assert args.redis_url == "redis://redis:6379/0"
+
+
+def test_prometheus_scrapes_every_specd_service_at_its_metrics_port(specd_services):
+    scrape = yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]
+    targets = {job["job_name"]: host_port(t) for job in scrape for s in job["static_configs"] for t in s["targets"]}
+    expected = {name: (name, args.metrics_port) for name, (_, args) in specd_services.items()
+                if args.command != "models"}
+    assert targets == expected
+    for name, (svc, args) in specd_services.items():
+        if args.command != "models":
+            assert str(args.metrics_port) in svc["expose"], f"{name}: metrics port not reachable by Prometheus"
+
+
+def test_prometheus_and_grafana_mount_their_config_read_only_and_publish_on_loopback(compose):
+    published = {}
+    for name in ("prometheus", "grafana"):
+        svc = compose["services"][name]
+        for volume in svc["volumes"]:
+            source, target, *mode = volume.split(":")
+            if source.startswith("."):                                  # a file of deploy/, not a data volume
+                assert mode == ["ro"] and (DEPLOY / source).exists(), volume
+            else:
+                assert source in compose["volumes"], volume
+        [port] = svc["ports"]
+        address, on_host, in_container = port.split(":")
+        assert address == "127.0.0.1", f"{name}: published beyond loopback"
+        published[name] = (int(on_host), int(in_container))
+    assert published == {"prometheus": (9090, 9090), "grafana": (3000, 3000)}
+    grafana_env = compose_env(compose["services"]["grafana"])
+    assert grafana_env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"] == env_file()["GRAFANA_ADMIN_PASSWORD"]
+
+
+def _docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_compose_available(), reason="the docker compose plugin is not installed")
+def test_docker_compose_accepts_the_file():
+    proc = subprocess.run(["docker", "compose", "-f", str(COMPOSE), "--env-file", str(DEPLOY / ".env.example"),
+                           "config", "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
