@@ -42,6 +42,11 @@ def current_key_id() -> str:
     return _KEY_ID.get()
 
 
+def bind_key_id(kid: str) -> None:
+    """Run the rest of the current task as a call of key `kid` (the HTTP door, once it has identified the key)."""
+    _KEY_ID.set(kid)
+
+
 def load_api_keys(path: str | None = None, env: str | None = None) -> list[str]:
     """Keys from `path` (one per line, `#` comments) and `env` (default: $SPECD_API_KEYS, comma separated)."""
     keys: list[str] = []
@@ -99,6 +104,8 @@ class ApiKeyAuth:
         self.limit = limit or RateLimit()
         self._buckets: dict[str, _Bucket] = {}          # one per configured key at most: only valid keys get one
         self._lock = threading.Lock()
+        self._last_warned: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
 
     @property
     def key_ids(self) -> list[str]:
@@ -131,6 +138,21 @@ class ApiKeyAuth:
             b.tokens -= 1
             return True
 
+    def refused(self, reason: str, message: str, kid: str = "") -> None:
+        """Count a refused call (either door); log at most once per WARN_EVERY_S per (reason, key id), so a flood
+        cannot flood the log. Never given the key itself."""
+        from common.telemetry import metrics
+        metrics.AUTH_REFUSED.labels(reason).inc()
+        slot = f"{reason}:{kid}"
+        now = time.monotonic()
+        with self._lock:
+            self._suppressed[slot] = self._suppressed.get(slot, 0) + 1
+            if now - self._last_warned.get(slot, -WARN_EVERY_S) < WARN_EVERY_S:
+                return
+            count = self._suppressed.pop(slot)
+            self._last_warned[slot] = now
+        log.warning("%d %s", count, message)
+
 
 def presented_key(metadata) -> str | None:
     for k, v in metadata or ():
@@ -147,8 +169,6 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, auth: ApiKeyAuth):
         self.auth = auth
-        self._last_warned: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -156,26 +176,14 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         kid = self.auth.identify(presented_key(details.invocation_metadata))
         if kid is None:
-            self._refused("unauthenticated", "calls refused: missing or invalid API key")
+            self.auth.refused("unauthenticated", "calls refused: missing or invalid API key")
             return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED,
                              "missing or invalid API key: send 'authorization: Bearer <key>'")
         if not self.auth.admit(kid):
-            self._refused("rate_limited", f"calls refused: rate limit hit by key {kid}", kid)
+            self.auth.refused("rate_limited", f"calls refused: rate limit hit by key {kid}", kid)
             return _refusing(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
                              f"rate limit: {self.auth.limit.describe()}; retry later")
         return _with_key_id(handler, kid)
-
-    def _refused(self, reason: str, message: str, kid: str = "") -> None:
-        """Count every refusal; log at most once per WARN_EVERY_S per (reason, key id), so a flood cannot flood
-        the log."""
-        from common.telemetry import metrics
-        metrics.AUTH_REFUSED.labels(reason).inc()
-        slot = f"{reason}:{kid}"
-        now = time.monotonic()
-        self._suppressed[slot] = self._suppressed.get(slot, 0) + 1
-        if now - self._last_warned.get(slot, -WARN_EVERY_S) >= WARN_EVERY_S:
-            log.warning("%d %s", self._suppressed.pop(slot), message)
-            self._last_warned[slot] = now
 
 
 def _refusing(handler, code: grpc.StatusCode, message: str):

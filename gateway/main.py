@@ -17,6 +17,11 @@ log = logging.getLogger("specd.gateway")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_server_flags(p, port=50051)
+    p.add_argument("--http-port", type=int, default=env_default("http_port", 8000),
+                   help="port of the OpenAI-compatible HTTP API, beside gRPC on --port, with the same TLS and API "
+                        "keys (SPECD_HTTP_PORT; 0 = off)")
+    p.add_argument("--served-model-name", default=env_default("served_model_name", None),
+                   help="the model id the HTTP API answers to (default: the verifier's model folder name)")
     p.add_argument("--verifier", default=env_default("verifier", "127.0.0.1:50053"), help="host:port")
     p.add_argument("--draft", default=env_default("draft", "127.0.0.1:50052"),
                    help="host:port of the draft service; empty = no speculation")
@@ -122,6 +127,20 @@ def report_cached_tokens(args, keys_configured: bool) -> bool:
     return value
 
 
+def verifier_ready(channel_: grpc.aio.Channel):
+    """An async check: is the verifier SERVING (its gRPC health service)? For the HTTP door's /health."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    stub = health_pb2_grpc.HealthStub(channel_)
+
+    async def ready() -> bool:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service="specd.v1.VerifierService"), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return ready
+
+
 def api_key_interceptors(args, tls) -> list:
     """[ApiKeyInterceptor] when keys are configured (file and/or SPECD_API_KEYS), else [] (no authentication)."""
     from gateway.auth import ApiKeyAuth, ApiKeyInterceptor, RateLimit, load_api_keys
@@ -184,8 +203,8 @@ async def serve(args) -> None:
     # even parsed.
     host = ServiceHost(cfg, ["specd.v1.Gateway"], interceptors=[*auth, *server_interceptors(tracing)])
     metrics.start_metrics_server(args.metrics_port, args.host)
-    verifier = verifier_pb2_grpc.VerifierServiceStub(channel(args.verifier, "specd.v1.VerifierService",
-                                                             cfg.channel_options(), traced, upstream_tls))
+    verifier_channel = channel(args.verifier, "specd.v1.VerifierService", cfg.channel_options(), traced, upstream_tls)
+    verifier = verifier_pb2_grpc.VerifierServiceStub(verifier_channel)
     v_info = await wait_for_info(verifier, f"verifier at {args.verifier}", args.startup_timeout_s)
     if v_info.vocab_fingerprint != fingerprint:
         raise TokenizerMismatchError(f"verifier tokenizer fingerprint {v_info.vocab_fingerprint} differs from the "
@@ -217,8 +236,23 @@ async def serve(args) -> None:
                  "shared by all API keys" if args.shared_prefix_cache else "one namespace per API key",
                  "reported" if report else "not reported (0)")
     log.info("gateway: verifier %s (%s), draft %s, K=%s", args.verifier, v_info.model_id, args.draft or "none", k)
+    door = None
+    if args.http_port:
+        from gateway.openai_api.server import HttpDoor
+        door = HttpDoor(generator, model=args.served_model_name or v_info.model_id, admission=host.admission,
+                        auth=auth[0].auth if auth else None, verifier_ready=verifier_ready(verifier_channel),
+                        report_cached_tokens=report, max_concurrent=cfg.max_concurrent_rpcs,
+                        max_body_bytes=cfg.max_message_bytes)
+
+    async def open_http():
+        if door is not None:
+            port = await door.start(cfg.host, args.http_port, cfg.tls.ssl_server_context("gateway HTTP")
+                                    if cfg.tls is not None else None)
+            print(f"SERVING HTTP on {cfg.host}:{port}", flush=True)
 
     async def drained():
+        if door is not None:
+            await door.stop()
         shutdown_tracing(tracing)
 
-    await host.run(on_drained=drained)
+    await host.run(warm_up=open_http, on_drained=drained)

@@ -65,11 +65,15 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(request, _Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         # Counted until the RPC ends on the wire (status sent, or cancelled), not merely until the handler returns.
+        self.enter()
+        context.add_done_callback(lambda _context: self.leave())
+
+    def enter(self) -> None:
+        """Count one request in flight (an RPC, or a request of the gateway's HTTP door): a drain waits for it."""
         self.in_flight += 1
         self._idle.clear()
-        context.add_done_callback(self._done)
 
-    def _done(self, _context) -> None:
+    def leave(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()

@@ -85,6 +85,20 @@ class TLSConfig:
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
     # ---- caller side ----------------------------------------------------------------------------------------
+    def ssl_server_context(self, what: str):
+        """The same certificate (and client-certificate requirement) for a non-gRPC server (the gateway's HTTP
+        door); None when plaintext."""
+        import ssl
+        if self.insecure:
+            return None
+        self.check_server(what)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert, self.key)
+        if self.ca is not None:
+            ctx.load_verify_locations(self.ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """Credentials for a caller, or None for plaintext (only when `insecure`)."""
         if self.insecure:

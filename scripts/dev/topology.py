@@ -31,10 +31,12 @@ _OWNED_ENV = ("SPECD_INSECURE", "SPECD_TLS_CERT", "SPECD_TLS_KEY", "SPECD_TLS_CA
 class LocalTopology:
     def __init__(self, target: str, draft: str | None, tp: int = 2, dtype: str = "bfloat16",
                  ports=(50051, 50052, 50053), k: str = "auto", log_dir: Path | None = None, extra_env=None,
-                 tls: TLSConfig | None = None, api_keys: list[str] | None = None, log_level: str | None = None):
+                 tls: TLSConfig | None = None, api_keys: list[str] | None = None, log_level: str | None = None,
+                 http_port: int = 0):
         """`tls`: cert/key served by all three (SAN 127.0.0.1) and presented by the gateway upstream, `ca` that
         signed it; None = plaintext. `api_keys`: required by the gateway (passed in its environment, never on a
-        command line)."""
+        command line). `http_port`: the gateway's OpenAI-compatible HTTP API (0 = off)."""
+        self.http_port = http_port
         self.target, self.draft, self.tp, self.dtype, self.k = target, draft, tp, dtype, k
         self.gateway_port, self.draft_port, self.verifier_port = ports
         self.log_dir = log_dir
@@ -131,7 +133,8 @@ class LocalTopology:
     def start_gateway(self) -> None:
         # The gateway's clients authenticate with API keys, not certificates: its own port is TLS, not mTLS.
         self._spawn("gateway", ["gateway", "--tokenizer", self.target, "--k", self.k,
-                                "--port", str(self.gateway_port), "--verifier", f"127.0.0.1:{self.verifier_port}",
+                                "--port", str(self.gateway_port), "--http-port", str(self.http_port),
+                                "--verifier", f"127.0.0.1:{self.verifier_port}",
                                 "--draft", f"127.0.0.1:{self.draft_port}" if self.draft else "",
                                 *self._tls_flags(mutual=False), *self._upstream_flags()])
 
@@ -168,6 +171,8 @@ class LocalTopology:
         ports = {name: port for name, port in (("gateway", self.gateway_port), ("draft", self.draft_port),
                                                ("verifier", self.verifier_port), ("redis", self.redis_port))
                  if name in self.procs}
+        if self.http_port and "gateway" in self.procs:
+            ports["gateway-http"] = self.http_port
         for name, env in self.service_env.items():
             if name in self.procs and env.get("SPECD_METRICS_PORT", "0") != "0":
                 ports[f"{name}-metrics"] = int(env["SPECD_METRICS_PORT"])

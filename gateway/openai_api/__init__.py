@@ -1,0 +1,1 @@
+"""The gateway's OpenAI-compatible HTTP API: protocol (request bodies), responses, errors, server (aiohttp)."""
