@@ -36,8 +36,15 @@ def build_checkpoint(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
     return path
 
 
-def build_tokenizer(path: Path, vocab_size: int, prefix: str = "w") -> Path:
-    """A word-level tokenizer over `vocab_size` tokens ("<eos>", "<w1>", "<w2>", …) saved beside a checkpoint."""
+# A chat template over the word vocabulary: each turn is <w1><role token> content <w5>; the generation prompt opens an
+# assistant turn. Roles: system <w2>, user <w3>, assistant <w4>.
+WORD_CHAT_TEMPLATE = ("{% for m in messages %}<w1><w{{ {'system': 2, 'user': 3, 'assistant': 4}[m['role']] }}>"
+                      "{{ m['content'] }}<w5>{% endfor %}{% if add_generation_prompt %}<w1><w4>{% endif %}")
+
+
+def build_tokenizer(path: Path, vocab_size: int, prefix: str = "w", chat_template: str | None = None) -> Path:
+    """A word-level tokenizer over `vocab_size` tokens ("<eos>", "<w1>", "<w2>", …) saved beside a checkpoint
+    (with `chat_template` in its config when given)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {"<eos>": 0, **{f"<{prefix}{i}>": i for i in range(1, vocab_size)}}
@@ -51,15 +58,17 @@ def build_tokenizer(path: Path, vocab_size: int, prefix: str = "w") -> Path:
     cfg_file = Path(path) / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
     cfg_file.write_text(json.dumps(cfg))
     return path
 
 
 def build_model_folder(path: Path, arch: str = "qwen2", seed: int = 0, vocab_size: int = 128,
-                       tokenizer_prefix: str = "w", **overrides) -> Path:
+                       tokenizer_prefix: str = "w", chat_template: str | None = None, **overrides) -> Path:
     """A checkpoint plus a matching tokenizer: what the LLM API and the services need."""
     build_checkpoint(path, arch, seed=seed, vocab_size=vocab_size, **overrides)
-    return build_tokenizer(path, vocab_size, tokenizer_prefix)
+    return build_tokenizer(path, vocab_size, tokenizer_prefix, chat_template)
 
 
 def perturbed_copy(src: Path, dst: Path, noise: float, seed: int = 0) -> Path:
