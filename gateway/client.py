@@ -79,17 +79,28 @@ class SpecdClient:
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
     @staticmethod
-    def request(prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
-                num_speculative_tokens: int | str | None = None, use_chat_template: bool = False,
-                ignore_eos: bool = False) -> gateway_pb2.GenerateRequest:
-        sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    def request(prompt: str | list[int] | list[dict], max_tokens: int = 128, temperature: float = 0.0,
+                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None,
+                stop: list[str] | None = None, num_speculative_tokens: int | str | None = None,
+                use_chat_template: bool = False, ignore_eos: bool = False, n: int = 1,
+                logprobs: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                repetition_penalty: float = 1.0) -> gateway_pb2.GenerateRequest:
+        """`prompt`: text, token ids, or a conversation ([{"role", "content"}, ...], rendered through the chat
+        template). `logprobs`: alternatives per token (0..20) to get the target's logprobs; None = none."""
+        sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                             repetition_penalty=repetition_penalty)
         if seed is not None:
             sampling.seed = seed
+        if logprobs is not None:
+            sampling.logprobs = logprobs
         req = gateway_pb2.GenerateRequest(max_tokens=max_tokens, sampling=sampling, stop=stop or [],
-                                          use_chat_template=use_chat_template, ignore_eos=ignore_eos)
+                                          use_chat_template=use_chat_template, ignore_eos=ignore_eos, n=n)
         if isinstance(prompt, str):
             req.prompt = prompt
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            req.messages.messages.extend(gateway_pb2.ChatMessage(role=m["role"], content=m["content"])
+                                         for m in prompt)
         else:
             req.prompt_token_ids.ids.extend(prompt)
         if num_speculative_tokens is not None:

@@ -13,7 +13,7 @@ from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2
 from common.speculative.params import SamplingParams
 from gateway.client import SpecdClient
 from scripts.dev.topology import LocalTopology
-from tests.checkpoints import build_model_folder, perturbed_copy
+from tests.checkpoints import WORD_CHAT_TEMPLATE, build_model_folder, perturbed_copy
 
 PROMPTS = [[5, 9, 2, 77, 31], [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4], [100, 3]]
 MAX_TOKENS = 24
@@ -22,7 +22,7 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    target = build_model_folder(root / "target", seed=21)
+    target = build_model_folder(root / "target", seed=21, chat_template=WORD_CHAT_TEMPLATE)
     return str(target), str(perturbed_copy(target, root / "draft", noise=0.05))   # agrees often, not always
 
 
@@ -77,6 +77,45 @@ def test_seeded_sampling_equals_the_in_process_speculative_output(client, twin):
         reply = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, temperature=1.0, top_p=0.9, seed=seed,
                                 ignore_eos=True, num_speculative_tokens=3)
         assert list(reply.token_ids) == expected.token_ids
+
+
+def test_a_conversation_equals_in_process_on_its_rendered_prompt(client, twin):
+    conversation = [{"role": "system", "content": "<w9>"}, {"role": "user", "content": "<w10><w11>"},
+                    {"role": "assistant", "content": "<w20>"}, {"role": "user", "content": "<w13>"}]
+    ids = twin.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    [expected] = twin.generate([ids], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), proposer=None)
+    reply = client.generate(conversation, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert list(reply.token_ids) == expected.token_ids and reply.prompt_tokens == len(ids)
+
+
+def test_n_completions_each_draw_from_seed_plus_i(client, twin):
+    reply = client.generate(PROMPTS[0], max_tokens=12, temperature=1.0, seed=5, n=3, ignore_eos=True,
+                            num_speculative_tokens=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2] and list(reply.token_ids) == list(reply.choices[0].token_ids)
+    for i, c in enumerate(reply.choices):
+        [expected] = twin.generate([PROMPTS[0]], SamplingParams(temperature=1.0, seed=5 + i, max_tokens=12,
+                                                                ignore_eos=True), num_speculative_tokens=3,
+                                   proposer="draft")
+        assert list(c.token_ids) == expected.token_ids and c.finish_reason == "length"
+    assert len({tuple(c.token_ids) for c in reply.choices}) > 1
+    chunks = list(client.stream(PROMPTS[0], max_tokens=12, temperature=1.0, seed=5, n=3, ignore_eos=True,
+                                num_speculative_tokens=3))
+    for c in reply.choices:                     # streamed: chunks interleaved, each completion whole by index
+        mine = [ch for ch in chunks if ch.index == c.index]
+        assert [t for ch in mine for t in ch.token_ids] == list(c.token_ids)
+        assert mine[-1].finish_reason == "length" and mine[-1].stats.rounds == c.stats.rounds
+
+
+def test_logprobs_are_the_targets_over_grpc(client, twin):
+    [expected] = twin.generate([PROMPTS[1]], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2),
+                               proposer=None)
+    reply = client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
+    assert reply.stats.accepted > 0 and len(reply.logprobs) == MAX_TOKENS
+    for got, exp in zip(reply.logprobs, expected.logprobs):
+        assert got.token_id == exp.token_id and got.logprob == pytest.approx(exp.logprob, abs=1e-4)
+        assert list(got.top_token_ids) == [i for i, _ in exp.top]
+        assert list(got.top_logprobs) == pytest.approx([lp for _, lp in exp.top], abs=1e-4)
 
 
 def test_eight_concurrent_streams_equal_sequential_requests_and_are_batched(client):
