@@ -2,8 +2,10 @@
 draft/verifier, TLS and an API key at the gateway. Greedy output equals the in-process target's, which is what the
 plaintext topology returns (test_e2e.py); callers without the right certificate or key are refused."""
 import secrets
+import ssl
 
 import grpc
+import openai
 import pytest
 
 from scripts.cli import main
@@ -34,11 +36,13 @@ def test_all_tls_topology_generates_the_target_output_and_refuses_strangers(mode
     key = "sk-e2e-" + secrets.token_hex(16)
     with LLM(models[0], models[1], num_speculative_tokens=3, dtype="float32", kv_cache_memory_gib=0.05) as twin:
         [expected] = twin.generate([PROMPT], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), proposer=None)
+    twin_text = expected.text
     logs = tmp_path / "logs"
     logs.mkdir()
     ports = (free_port(), free_port(), free_port())
+    http_port = free_port()
     topo = LocalTopology(models[0], models[1], tp=1, dtype="float32", ports=ports, k="3", log_dir=logs,
-                         tls=pki.server(mutual=True), api_keys=[key], log_level="DEBUG")
+                         tls=pki.server(mutual=True), api_keys=[key], log_level="DEBUG", http_port=http_port)
     gateway, draft, verifier = (f"127.0.0.1:{p}" for p in ports)
     try:
         topo.start(timeout_s=180)
@@ -46,6 +50,20 @@ def test_all_tls_topology_generates_the_target_output_and_refuses_strangers(mode
             reply = client.generate(PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True)
             assert list(reply.token_ids) == expected.token_ids
             assert reply.stats.drafted > 0 and reply.stats.fallback_rounds == 0      # the draft answered over mTLS
+        # The HTTP door serves the same certificate and wants the same key.
+        ca = ssl.create_default_context(cafile=pki.ca)
+        with openai.OpenAI(base_url=f"https://127.0.0.1:{http_port}/v1", api_key=key, max_retries=0,
+                           http_client=openai.DefaultHttpxClient(verify=ca)) as https:
+            r = https.completions.create(model="target", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"ignore_eos": True})
+            assert r.choices[0].text == twin_text
+        with openai.OpenAI(base_url=f"https://127.0.0.1:{http_port}/v1", api_key="sk-wrong-" + "0" * 16,
+                           max_retries=0, http_client=openai.DefaultHttpxClient(verify=ca)) as wrong:
+            with pytest.raises(openai.AuthenticationError):
+                wrong.models.list()
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=key, max_retries=0) as plain:
+            with pytest.raises(openai.APIConnectionError):          # plaintext to the TLS port gets nowhere
+                plain.models.list()
         with SpecdClient(gateway, timeout_s=30, tls=pki.client(with_cert=False)) as no_key:
             assert status_of(lambda: no_key.generate(PROMPT, max_tokens=2)) is grpc.StatusCode.UNAUTHENTICATED
         with SpecdClient(gateway, timeout_s=30, api_key=key) as plaintext:
