@@ -18,6 +18,7 @@ def add_commands(sub) -> None:
     up.add_argument("--state-dir", default=".specd-local", help="--detach: state file (pids, ports) and logs")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every service to serve")
     up.add_argument("--gateway-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8000, help="the gateway's OpenAI-compatible HTTP API (0 = off)")
     up.add_argument("--draft-port", type=int, default=50052)
     up.add_argument("--verifier-port", type=int, default=50053)
     up.add_argument("--metrics-ports", default="9101,9102,9103",
@@ -50,18 +51,19 @@ def up_local(args) -> int:
         print(f"specd up-local: {e}", file=sys.stderr)
         return 2
     ports = {"gateway": args.gateway_port, "draft": args.draft_port, "verifier": args.verifier_port,
+             **({"gateway-http": args.http_port} if args.http_port else {}),
              **{f"{name}-metrics": port for name, port in metrics.items()}}
     # gRPC binds with SO_REUSEPORT: a second gateway on a busy port would start, and health checks would then
     # reach the first one. Refuse instead.
     busy = {name: port for name, port in ports.items() if not port_free(port)}
     if busy:
         print(f"specd up-local: ports already in use: {busy} (pick others with --gateway-port/--draft-port/"
-              f"--verifier-port/--metrics-ports, or stop what holds them)", file=sys.stderr)
+              f"--verifier-port/--http-port/--metrics-ports, or stop what holds them)", file=sys.stderr)
         return 1
     topo = LocalTopology(args.target or str(model_path(TARGET_MODEL)), args.draft or str(model_path(DRAFT_MODEL)),
                          tp=args.tp, dtype=args.dtype, k=args.k,
                          ports=(args.gateway_port, args.draft_port, args.verifier_port),
-                         log_dir=state_dir / "logs" if args.detach else None)
+                         log_dir=state_dir / "logs" if args.detach else None, http_port=args.http_port)
     for name, port in metrics.items():
         topo.service_env[name] = {"SPECD_METRICS_PORT": str(port)}
     if args.detach:
@@ -72,7 +74,7 @@ def up_local(args) -> int:
         topo.start(timeout_s=args.timeout)
         print(f"up (plaintext, local only): {_describe(topo)}\n"
               f"try: specd generate --insecure --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'"
-              "   (Ctrl-C stops everything)", flush=True)
+              f"{_http_hint(topo)}   (Ctrl-C stops everything)", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while all(p.poll() is None for p in topo.procs.values()):
             time.sleep(1)
@@ -107,9 +109,15 @@ def _up_detached(topo, args, state_dir) -> int:
         return 1
     topo.write_state(state_dir, "up")
     print(f"up: {_describe(topo)}\nstate: {state_dir / STATE_FILE}\n"
-          f"try:  specd generate --insecure --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'\n"
+          f"try:  specd generate --insecure --gateway 127.0.0.1:{topo.gateway_port} 'def fib(n):'{_http_hint(topo)}\n"
           f"stop: specd down-local --state-dir {state_dir}", flush=True)
     return 0
+
+
+def _http_hint(topo) -> str:
+    if not topo.http_port:
+        return ""
+    return f"\n  or:  OpenAI clients at base_url=http://127.0.0.1:{topo.http_port}/v1 (e.g. curl .../v1/models)"
 
 
 def _start_redis(topo, args) -> None:

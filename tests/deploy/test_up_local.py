@@ -70,10 +70,12 @@ def state_dir(tmp_path):
 def test_up_detached_serves_and_down_leaves_nothing_behind(models, state_dir):
     ports = {"gateway": free_port(), "draft": free_port(), "verifier": free_port()}
     metrics = [free_port() for _ in range(3)]
+    http_port = free_port()
     up = _run("up-local", "--detach", "--state-dir", str(state_dir), "--target", models[0], "--draft", models[1],
               "--tp", "2", "--dtype", "float32", "--k", "3", "--timeout", "240",
               "--gateway-port", str(ports["gateway"]), "--draft-port", str(ports["draft"]),
-              "--verifier-port", str(ports["verifier"]), "--metrics-ports", ",".join(map(str, metrics)))
+              "--verifier-port", str(ports["verifier"]), "--metrics-ports", ",".join(map(str, metrics)),
+              "--http-port", str(http_port))
     assert up.returncode == 0, up.stdout + up.stderr                # returned: nothing runs in its foreground
     state = json.loads((state_dir / STATE_FILE).read_text())
     assert state["status"] == "up"
@@ -83,6 +85,7 @@ def test_up_detached_serves_and_down_leaves_nothing_behind(models, state_dir):
         assert "starting without Redis" in up.stderr
     assert {state["ports"][name] for name in ports} == set(ports.values())
     assert {state["ports"][f"{name}-metrics"] for name in ports} == set(metrics)
+    assert state["ports"]["gateway-http"] == http_port
     assert all(_accepts(port) for port in state["ports"].values())     # gRPC, Prometheus and Redis listen
 
     # the verifier's second TP rank lives in the verifier's process group
