@@ -172,13 +172,13 @@ def test_verifier_gpus_match_tp_and_do_not_overlap_the_draft(compose, specd_serv
     assert verifier_svc["shm_size"]                                    # NCCL needs more than Docker's 64 MB
 
 
-def test_gateway_reaches_the_model_services_by_name_and_publishes_its_port(specd_services):
+def test_gateway_reaches_the_model_services_by_name_and_publishes_its_ports(specd_services):
     svc, gateway = specd_services["gateway"]
     for flag, target in (("verifier", gateway.verifier), ("draft", gateway.draft)):
         host, port = host_port(target)
         assert host == flag and port == specd_services[flag][1].port
-    [published] = svc["ports"]
-    assert int(published.rsplit(":", 1)[1]) == gateway.port
+    published = sorted(int(p.rsplit(":", 1)[1]) for p in svc["ports"])
+    assert published == sorted([gateway.port, gateway.http_port])        # gRPC and the OpenAI HTTP API
 
 
 def test_models_come_from_the_volume(compose, specd_services):
