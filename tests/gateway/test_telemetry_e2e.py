@@ -52,7 +52,7 @@ class Services:
         self._wait("verifier")
         self._wait("draft")
         self._spawn("gateway", ["--tokenizer", self.target, "--k", "3", "--verifier", self.address("verifier"),
-                                "--draft", self.address("draft")])
+                                "--draft", self.address("draft"), "--http-port", "0"])
         self._wait("gateway")
 
     def address(self, name: str) -> str:
