@@ -189,18 +189,39 @@ def test_async_client_streams_concurrent_chats(topo):
 
 
 # ---- logprobs: the target's, accepted drafts included --------------------------------------------------------
+def teacher_forced_logprobs(twin, prompt, output):
+    """log-softmax of the target's logits at each output position, the output fed as given (in process)."""
+    import torch
+    from common.engine.forward_io import SequenceChunk
+    try:
+        logits = twin.target.forward([SequenceChunk(-7, prompt + output, num_logits=len(output) + 1)]).logits[0]
+    finally:
+        twin.target.free(-7)
+    return torch.log_softmax(logits[:-1].float(), dim=-1)              # [len(output), vocab]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_logprobs_equal_target_only_in_process(client, twin, temperature):
-    params = SamplingParams(temperature=temperature, seed=7, max_tokens=10, ignore_eos=True, logprobs=3)
-    expected = twin.generate([PROMPT], params, proposer=None)[0]
+def test_logprobs_are_the_targets_at_every_emitted_token(client, twin, temperature):
     r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, temperature=temperature, seed=7,
                                   logprobs=3, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
     assert r.choices[0].model_extra["spec_decode"]["num_accepted_draft_tokens"] > 0     # drafts were accepted
-    assert len(lp.token_logprobs) == 10 == len(expected.logprobs)
-    for got, exp, tops in zip(lp.token_logprobs, expected.logprobs, lp.top_logprobs):
-        assert got == pytest.approx(exp.logprob, abs=1e-4)
-        assert len(tops) >= 3                                   # 3 alternatives (+ the sampled token if not among them)
+    output = twin.tokenizer.convert_tokens_to_ids(lp.tokens)
+    assert len(output) == 10
+    target = teacher_forced_logprobs(twin, PROMPT, output)
+    for i, (got, tops) in enumerate(zip(lp.token_logprobs, lp.top_logprobs)):
+        assert got == pytest.approx(float(target[i, output[i]]), abs=1e-4)
+        best = target[i].topk(3)
+        want = {twin.tokenizer.convert_ids_to_tokens(int(t)): float(v) for v, t in zip(best.values, best.indices)}
+        assert {k: v for k, v in tops.items() if k in want} == pytest.approx(want, abs=1e-4)
+        assert set(want) <= set(tops) and len(tops) <= 4               # 3 alternatives + the sampled token
+    if temperature == 0:                                               # and the in-process target-only run agrees
+        [expected] = twin.generate([PROMPT], SamplingParams(max_tokens=10, ignore_eos=True, logprobs=3),
+                                   proposer=None)
+        assert [t.logprob for t in expected.logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+
+
+def test_chat_logprobs(client):
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "<w5><w9>"}],
                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=2,
                                           extra_body={"ignore_eos": True})
@@ -208,6 +229,7 @@ def test_logprobs_equal_target_only_in_process(client, twin, temperature):
     assert len(content) == 6 and all(len(t.top_logprobs) == 2 for t in content)
     assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in content)
     assert all(t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-6) for t in content)   # greedy: argmax
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
 
 
 # ---- routes and framing -------------------------------------------------------------------------------------
