@@ -176,6 +176,7 @@ class Generator:
                         clock.tick()
                     yield event
             metrics.REQUESTS.labels("OK").inc()
+            metrics.observe_request_latency(clock.first_token_s, time.perf_counter() - started)
             _annotate_span(requests)
         except (asyncio.CancelledError, GeneratorExit):
             metrics.REQUESTS.labels("CANCELLED").inc()      # the client went away
@@ -185,7 +186,6 @@ class Generator:
             raise
         finally:
             metrics.REQUESTS_IN_FLIGHT.dec()
-            metrics.observe_request_latency(clock.first_token_s, time.perf_counter() - started)
 
     def _request(self, spec: GenerationSpec, index: int) -> Request:
         controller = AdaptiveK(self.k_max, self.rounds.costs) if spec.k == "auto" else None
