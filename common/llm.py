@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner, SequenceChunk
 from common.engine.tp_executor import TPExecutor
 from common.errors import ConfigError
 from common.speculative.adaptive_k import AdaptiveK, CostModel
+from common.speculative.outcome import TokenLogprob
 from common.speculative.decoder import SpeculativeDecoder
 from common.speculative.proposers.draft_model import DraftModelProposer
 from common.speculative.proposers.ngram import NgramProposer
@@ -33,10 +34,16 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str
     stats: RequestStats
+    # The target's log-probability of each of token_ids and its top alternatives (common/speculative/logprobs.py);
+    # None unless SamplingParams.logprobs was set.
+    logprobs: list[TokenLogprob] | None = None
 
     def as_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.as_dict()}
+        out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+               "prompt_tokens": len(self.prompt_token_ids), "stats": self.stats.as_dict()}
+        if self.logprobs is not None:
+            out["logprobs"] = [asdict(t) for t in self.logprobs]
+        return out
 
 
 class LLM:
@@ -121,7 +128,8 @@ class LLM:
 
     def _output(self, r: Request) -> RequestOutput:
         text = cut_at_stop(self.tokenizer.decode(r.output_ids, skip_special_tokens=True), r.params.stop)
-        return RequestOutput(r.prompt_ids, text, list(r.output_ids), r.finish_reason or "length", r.stats)
+        return RequestOutput(r.prompt_ids, text, list(r.output_ids), r.finish_reason or "length", r.stats,
+                             list(r.output_logprobs) if r.params.logprobs is not None else None)
 
     def _encode(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):

@@ -4,7 +4,8 @@ A request's committed tokens are its prompt plus what it has emitted. The target
 the *pending* ones (the last emitted token, or the whole prompt before the first round): a round feeds
 pending + d_1..d_K in one chunk and reads K+1 rows of logits, so prefill, plain decoding (K = 0) and
 verification are the same call. After n acceptances the target KV is cut back to committed + n (the
-recovered/bonus token becomes the next round's pending token).
+recovered/bonus token becomes the next round's pending token). Penalties see each request's committed tokens
+(prompt + output) as its history; the sampler adds the target's logprobs to the outcome when they are asked for.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 
 from common.engine.model_runner import SequenceChunk
 from common.speculative.adaptive_k import CostModel
+from common.speculative.penalties import TokenHistory
 from common.speculative.proposal import DraftProposal
 from common.speculative.proposers import ProposeInput
 from common.speculative.rejection import RejectionSampler, VerifyInput
@@ -63,7 +65,7 @@ class SpeculativeDecoder:
                   for r, p in zip(batch, proposals)]
         t = time.perf_counter()
         logits = self.target.forward(chunks).logits
-        outcomes = self.sampler([VerifyInput(row, p, r.params, r.stats.rounds, r.num_tokens)
+        outcomes = self.sampler([VerifyInput(row, p, r.params, r.stats.rounds, r.num_tokens, _history(r))
                                  for r, p, row in zip(batch, proposals, logits)])
         verify_s = time.perf_counter() - t
         timed_draft = draft_s if getattr(self.proposer, "has_model", True) else None
@@ -81,7 +83,7 @@ class SpeculativeDecoder:
     def _propose(self, batch: list[Request], ks: list[int]) -> tuple[list[DraftProposal], float | None]:
         """One proposal per request (empty where K = 0) and the seconds the proposer took (None: not called)."""
         proposals = [DraftProposal([], None if r.params.greedy else []) for r in batch]
-        wanted = [ProposeInput(r.seq_id, r.context, k, r.params, r.stats.rounds)
+        wanted = [ProposeInput(r.seq_id, r.context, k, r.params, r.stats.rounds, prompt_len=len(r.prompt_ids))
                   for r, k in zip(batch, ks) if k > 0]
         if not wanted:
             return proposals, None
@@ -92,3 +94,8 @@ class SpeculativeDecoder:
             if k > 0:
                 proposals[i] = next(made)
         return proposals, draft_s
+
+
+def _history(r: Request) -> TokenHistory | None:
+    """The committed tokens the penalties count (built only when the request sets one)."""
+    return TokenHistory(r.context, len(r.prompt_ids)) if r.params.penalized else None

@@ -7,6 +7,8 @@ Vocabulary, used throughout specd:
 Every round therefore emits n + 1 tokens. p are the target's sampling distributions (sampling.py), q′ the
 draft's. Accepting d_i with probability min(1, p_i(d_i) / q′_i(d_i)) and resampling from the residual makes
 each emitted token distributed exactly as p, whatever q′ is. Greedy: accept while d_i == argmax p_i.
+p_i includes the penalties for row i's history: the committed tokens, then d_1..d_{i-1} (penalties.py).
+When the request asks for logprobs, the outcome carries the target's for every emitted token (logprobs.py).
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from common.speculative.logprobs import token_logprobs
 from common.speculative.outcome import VerifyOutcome
 from common.speculative.params import SamplingParams
+from common.speculative.penalties import TokenHistory, penalized_logits
 from common.speculative.proposal import DraftProposal, SparseDistribution
 from common.speculative.sampling import (PURPOSE_ACCEPT, PURPOSE_RESAMPLE, make_generator, sample_from,
                                          target_distribution, uniform)
@@ -28,6 +32,7 @@ class VerifyInput:
     params: SamplingParams
     round_index: int = 0
     position: int = 0              # absolute position of d_1 in the sequence (keys the random streams)
+    history: TokenHistory | None = None    # the committed tokens before d_1 (needed when params.penalized)
 
 
 def dense_distribution(dist: SparseDistribution, vocab_size: int) -> torch.Tensor:
@@ -45,9 +50,16 @@ class RejectionSampler:
         k = x.proposal.k
         if x.logits.shape[0] != k + 1:
             raise ValueError(f"need K+1={k + 1} rows of target logits, got {x.logits.shape[0]}")
+        out = self._decide(x)
+        if x.params.logprobs is not None:
+            out.logprobs = token_logprobs(x.logits, x.params, x.history, out.emitted)
+        return out
+
+    def _decide(self, x: VerifyInput) -> VerifyOutcome:
+        k = x.proposal.k
         if x.params.greedy:
-            return self._greedy(x.logits, x.proposal)
-        p = target_distribution(x.logits, x.params)                      # [K+1, vocab]
+            return self._greedy(penalized_logits(x.logits, x.params, x.history, x.proposal.token_ids), x.proposal)
+        p = target_distribution(x.logits, x.params, x.history, x.proposal.token_ids)     # [K+1, vocab]
         seed, r, pos0 = x.params.seed, x.round_index, x.position
         drafts, dists = x.proposal.token_ids, x.proposal.dists
         for i, d in enumerate(drafts):
@@ -72,6 +84,7 @@ class RejectionSampler:
 
     @staticmethod
     def _greedy(logits: torch.Tensor, proposal: DraftProposal) -> VerifyOutcome:
+        """logits [K+1, vocab], already penalised."""
         target = logits.argmax(-1).tolist()                              # [K+1]
         n = 0
         while n < proposal.k and proposal.token_ids[n] == target[n]:

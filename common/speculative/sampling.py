@@ -1,20 +1,27 @@
 """The exact distribution sampling parameters define over the vocabulary, and seeded randomness.
 
 `target_distribution` is *the* distribution a token is drawn from: speculative decoding must reproduce it
-exactly, so both the target-only path and the rejection sampler use this one function.
+exactly, so both the target-only path and the rejection sampler use this one function. Its first step, the
+penalties for each row's history, is `penalized_logits` (penalties.py); greedy is the argmax of those.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from common.speculative.params import SamplingParams
+from common.speculative.penalties import TokenHistory, penalized_logits
 
 __all__ = ["target_distribution", "truncate_distribution", "make_generator", "sample_from",
            "uniform", "stream_seed"]
 
 
-def target_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [n, vocab] -> probabilities [n, vocab] (float32) after temperature, top-k, top-p and min-p."""
+def target_distribution(logits: torch.Tensor, params: SamplingParams, history: TokenHistory | None = None,
+                        drafts: Sequence[int] = ()) -> torch.Tensor:
+    """raw logits [n, vocab] -> probabilities [n, vocab] (float32) after the penalties (row i's history:
+    `history` + the drafts before it, see penalized_logits), temperature, top-k, top-p and min-p."""
+    logits = penalized_logits(logits, params, history, drafts)
     if params.greedy:
         probs = torch.zeros_like(logits, dtype=torch.float32)
         probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)

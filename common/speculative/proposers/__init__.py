@@ -20,6 +20,7 @@ class ProposeInput:
     params: SamplingParams
     round_index: int = 0
     cache_namespace: str = ""      # prefix-cache tenant of the sequence ("" = shared)
+    prompt_len: int = 0            # how many of `context` are the prompt (penalties count the output after it)
 
 
 class Proposer(Protocol):

@@ -3,12 +3,15 @@
 The proposer remembers which tokens its KV holds for each sequence; a new round keeps the longest prefix
 shared with the committed context (rejected drafts fall away) and feeds only the rest, so rollback needs no
 message from the verifier. Sampled rounds draw from q′: the request's temperature / top-k / top-p, with the
-support further capped at `max_support` tokens so q′ travels sparsely; any q′ keeps the sampler exact.
+support further capped at `max_support` tokens so q′ travels sparsely; any q′ keeps the sampler exact. The
+request's penalties apply as on the target (the same function), over the context and the tokens drafted so far,
+which keeps the draft close to the penalised target; q′ is what it samples from.
 """
 from __future__ import annotations
 
 import torch
 
+from common.speculative.penalties import TokenHistory, penalized_logits
 from common.speculative.proposal import DraftProposal, SparseDistribution
 from common.speculative.proposers import ProposeInput
 from common.speculative.sampling import PURPOSE_DRAFT, make_generator, sample_from, truncate_distribution
@@ -44,6 +47,7 @@ class DraftModelProposer:
             proposal.cached_tokens = self._sync(r.seq_id, r.context)
             chunks.append(SequenceChunk(r.seq_id, r.context[proposal.cached_tokens:],
                                         cache_namespace=r.cache_namespace))
+        histories = [TokenHistory(r.context, r.prompt_len) if r.params.penalized else None for r in requests]
         active = list(range(len(requests)))
         step = 0
         while active:
@@ -56,7 +60,7 @@ class DraftModelProposer:
             still, chunks = [], []
             for i, row in zip(active, logits):
                 r = requests[i]
-                token = self._draw(row[-1], r, step, proposals[i])
+                token = self._draw(row[-1:], r, histories[i], step, proposals[i])
                 proposals[i].token_ids.append(token)
                 if len(proposals[i].token_ids) < r.k:
                     still.append(i)
@@ -77,12 +81,14 @@ class DraftModelProposer:
         self._kv_tokens[seq_id] = list(context)
         return keep
 
-    def _draw(self, logits: torch.Tensor, r: ProposeInput, step: int, proposal: DraftProposal) -> int:
-        # logits [vocab]
+    def _draw(self, logits: torch.Tensor, r: ProposeInput, history: TokenHistory | None, step: int,
+              proposal: DraftProposal) -> int:
+        # logits [1, vocab]; the row follows the context and every token drafted so far
+        logits = penalized_logits(logits, r.params, history, proposal.token_ids)
         if r.params.greedy:
             return int(logits.argmax())
         p = r.params
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1).unsqueeze(0)
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)                # [1, vocab]
         top_k = min(p.top_k, self.max_support) if p.top_k else self.max_support
         q = truncate_distribution(probs, top_k, p.top_p, p.min_p)[0]      # q′ [vocab]
         position = len(r.context) + step

@@ -10,9 +10,14 @@ three tokens is enumerated from the target model itself (16 + 256 contexts), and
   Σ_x sqrt(p_x(1 − p_x) / (2πN)), ~0.011 for 16 cells and ~0.045 for 256 at N = 20,000). An exact sampler
   exceeds it one time in a thousand; a sampler off by a few percent of mass always does;
 - every token outside the target's support (top-p zeroes some) must never appear.
-The negative control runs the same test with a sampler that resamples from |p − q′| instead of max(0, p − q′):
-the test must reject it.
+The same holds with presence, frequency and repetition penalties on (p then depends on the tokens before each
+position: the enumeration penalises each context for its own history).
+The negative controls run the same test with a sampler that resamples from |p − q′| instead of max(0, p − q′),
+and, with penalties on, with one that penalises every verify row for the committed tokens alone (leaving out
+the drafts before it): the test must reject both.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -22,12 +27,14 @@ from common.engine.model_runner import SequenceChunk
 from common.llm import LLM
 from common.speculative.rejection import RejectionSampler
 from common.speculative.params import SamplingParams
+from common.speculative.penalties import TokenHistory, penalized_logits
 from common.speculative.sampling import target_distribution
 from tests.checkpoints import build_model_folder
 
 V = 16
 N = 20_000
 PROMPT = [3, 7, 1, 12]
+PENALTIES = dict(presence_penalty=1.0, frequency_penalty=0.5, repetition_penalty=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,8 @@ def _exact(llm: LLM, params: SamplingParams):
         logits = runner.forward([SequenceChunk(1000 + i, PROMPT + c) for i, c in enumerate(contexts)]).logits
         for i in range(len(contexts)):
             runner.free(1000 + i)
-        return target_distribution(torch.cat(logits), params).double().numpy()
+        return torch.cat([target_distribution(row, params, TokenHistory(PROMPT + c, len(PROMPT)))
+                          for row, c in zip(logits, contexts)]).double().numpy()
     p1 = dist([[]])[0]
     p2 = dist([[a] for a in range(V)])
     p3 = dist([[a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
@@ -74,8 +82,7 @@ def _gof(observed_counts: np.ndarray, expected_p: np.ndarray):
 
 
 def _samples(llm: LLM, params: SamplingParams) -> np.ndarray:
-    per_request = [SamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=3, seed=s,
-                                  ignore_eos=True) for s in range(N)]
+    per_request = [dataclasses.replace(params, max_tokens=3, seed=s, ignore_eos=True) for s in range(N)]
     outs = llm.generate([PROMPT] * N, per_request)
     return np.array([o.token_ids for o in outs])                    # [N, 3]
 
@@ -93,10 +100,11 @@ def _check(samples: np.ndarray, exact) -> list[tuple[str, float, float, float, f
     return [(name, *_gof(obs, p)) for name, (obs, p) in tables.items()]
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.9])
-def test_speculative_samples_match_the_target_distribution(pair, top_p):
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
+                                    SamplingParams(temperature=1.0, **PENALTIES)],
+                         ids=["plain", "top_p=0.9", "penalties"])
+def test_speculative_samples_match_the_target_distribution(pair, params):
     target, draft = pair
-    params = SamplingParams(temperature=1.0, top_p=top_p)
     with LLM(target, draft, num_speculative_tokens=3, dtype="float32", kv_cache_memory_gib=0.25,
              max_num_seqs=N + 300) as llm:
         exact = _exact(llm, params)
@@ -104,13 +112,14 @@ def test_speculative_samples_match_the_target_distribution(pair, top_p):
         stats = samples.shape
         assert stats == (N, 3)
         # the draft really proposed, and was really rejected sometimes: both branches were exercised
-        outs_accept = llm.generate([PROMPT] * 200, [SamplingParams(temperature=1.0, top_p=top_p, max_tokens=3,
-                                                                   seed=s, ignore_eos=True) for s in range(200)])
+        outs_accept = llm.generate([PROMPT] * 200, [dataclasses.replace(params, max_tokens=3, seed=s, ignore_eos=True)
+                                                    for s in range(200)])
         accepted = sum(o.stats.accepted for o in outs_accept)
         drafted = sum(o.stats.drafted for o in outs_accept)
         assert drafted > 0 and 0 < accepted < drafted
     for name, pvalue, tv, bound, outside in _check(samples, exact):
-        print(f"top_p={top_p} {name}: chi2 p={pvalue:.4f} TV={tv:.4f} (bound {bound:.4f}) outside={outside}")
+        print(f"top_p={params.top_p} penalized={params.penalized} {name}: chi2 p={pvalue:.4f} TV={tv:.4f} "
+              f"(bound {bound:.4f}) outside={outside}")
         assert outside == 0, f"{name}: {outside} samples outside the target's support"
         assert pvalue > 0.001, f"{name}: chi-square p={pvalue}"
         assert tv < bound, f"{name}: TV={tv} >= bound {bound}"
@@ -124,16 +133,28 @@ class AbsResidualSampler(RejectionSampler):
         return (p_i - q_i).abs()
 
 
-def test_negative_control_a_wrong_sampler_is_detected(pair):
+class DraftBlindSampler(RejectionSampler):
+    """Deliberately wrong: every verify row is penalised for the committed tokens alone, as if the drafts before
+    it had not been emitted (row 0 stays right, so only accepted drafts bias what follows them)."""
+
+    def verify_one(self, x):
+        rows = torch.cat([penalized_logits(x.logits[i:i + 1], x.params, x.history) for i in range(len(x.logits))])
+        plain = dataclasses.replace(x.params, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0)
+        return super().verify_one(dataclasses.replace(x, logits=rows, params=plain))
+
+
+@pytest.mark.parametrize("wrong,params", [(AbsResidualSampler, SamplingParams(temperature=1.0)),
+                                          (DraftBlindSampler, SamplingParams(temperature=1.0, **PENALTIES))],
+                         ids=["abs-residual", "draft-blind-penalties"])
+def test_negative_control_a_wrong_sampler_is_detected(pair, wrong, params):
     target, draft = pair
-    params = SamplingParams(temperature=1.0)
     with LLM(target, draft, num_speculative_tokens=3, dtype="float32", kv_cache_memory_gib=0.25,
              max_num_seqs=N + 300) as llm:
         exact = _exact(llm, params)
-        llm.decoder.sampler = AbsResidualSampler()
+        llm.decoder.sampler = wrong()
         samples = _samples(llm, params)
     results = _check(samples, exact)
     for name, pvalue, tv, bound, _ in results:
-        print(f"wrong sampler {name}: chi2 p={pvalue:.2e} TV={tv:.4f} (bound {bound:.4f})")
+        print(f"{wrong.__name__} {name}: chi2 p={pvalue:.2e} TV={tv:.4f} (bound {bound:.4f})")
     joint = results[0]
-    assert joint[1] < 0.001 and joint[2] > joint[3], "the wrong sampler was not detected"
+    assert joint[1] < 0.001 and joint[2] > joint[3], f"the wrong sampler ({wrong.__name__}) was not detected"
