@@ -38,3 +38,9 @@ def check_id(field: str, value: str, max_chars: int = 128) -> None:
     """A client-chosen identifier (request id, session id): 1..max_chars characters."""
     if not value or len(value) > max_chars:
         raise ValueError(f"{field}: {len(value)} characters, must be 1..{max_chars}")
+
+
+def check_prompt_len(field: str, prompt_len: int, num_tokens: int, limit_name: str) -> None:
+    """How many of `num_tokens` committed tokens are the prompt: an integer in [0, num_tokens]."""
+    if not (isinstance(prompt_len, int) and 0 <= prompt_len <= num_tokens):
+        raise ValueError(f"{field}={prompt_len}: must be in [0, {limit_name}={num_tokens}]")

@@ -31,7 +31,8 @@ from common.speculative.proposers import ProposeInput
 from common.speculative.params import SamplingParams
 from common.telemetry.metrics import DRAFT_BATCH_SIZE
 from common.telemetry.tracing import attached, current_context
-from common.validation import check_cache_namespace, check_fits_context, check_id, check_token_ids
+from common.validation import (check_cache_namespace, check_fits_context, check_id, check_prompt_len,
+                               check_token_ids)
 
 MAX_REQUEST_ID_CHARS = 128          # the id keys the soft cache: bounded like the verifier's session ids
 
@@ -44,6 +45,7 @@ class ProposeCall:
     params: SamplingParams
     round_index: int
     cache_namespace: str = ""      # prefix-cache tenant ("" = shared)
+    prompt_len: int = 0            # how many of `context` are the prompt (for the request's penalties)
     enqueued: float = 0.0
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it
 
@@ -75,16 +77,18 @@ class Drafter(BatchedEngine):
 
     # ---- API (any thread) ---------------------------------------------------------------------------------
     def submit(self, request_id: str, context: list[int], k: int, params: SamplingParams,
-               round_index: int, cache_namespace: str = "") -> Future:
+               round_index: int, cache_namespace: str = "", prompt_len: int = 0) -> Future:
         """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once.
-        `cache_namespace`: the prefix-cache tenant ("" = shared)."""
-        self._validate(request_id, context, k, cache_namespace)
+        `cache_namespace`: the prefix-cache tenant ("" = shared); `prompt_len`: how many of `context` are the
+        prompt (the penalties count the output after it)."""
+        self._validate(request_id, context, k, cache_namespace, prompt_len)
         return self._worker.submit(ProposeCall(request_id, list(context), k, params, round_index, cache_namespace,
-                                               time.perf_counter(), current_context()))
+                                               prompt_len, time.perf_counter(), current_context()))
 
     def propose(self, request_id: str, context: list[int], k: int, params: SamplingParams,
-                round_index: int, timeout: float | None = None, cache_namespace: str = "") -> DraftResult:
-        return self.submit(request_id, context, k, params, round_index, cache_namespace).result(timeout)
+                round_index: int, timeout: float | None = None, cache_namespace: str = "",
+                prompt_len: int = 0) -> DraftResult:
+        return self.submit(request_id, context, k, params, round_index, cache_namespace, prompt_len).result(timeout)
 
     @property
     def cached_sequences(self) -> int:
@@ -99,8 +103,8 @@ class Drafter(BatchedEngine):
         calls: list[ProposeCall] = [job.item for job in batch]
         start = time.perf_counter()
         seqs = [self._sequence_for(call.request_id, call.cache_namespace) for call in calls]
-        requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index, call.cache_namespace)
-                    for seq, call in zip(seqs, calls)]
+        requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index, call.cache_namespace,
+                                 call.prompt_len) for seq, call in zip(seqs, calls)]
         proposals: list[DraftProposal] = []
         later = set(seqs)
         for group in self._groups(requests):
@@ -160,8 +164,9 @@ class Drafter(BatchedEngine):
                 del self._seq_of[rid]
             self.proposer.release(seq)
 
-    def _validate(self, request_id: str, context: list[int], k: int, cache_namespace: str) -> None:
+    def _validate(self, request_id: str, context: list[int], k: int, cache_namespace: str, prompt_len: int) -> None:
         check_cache_namespace("cache_namespace", cache_namespace)
+        check_prompt_len("prompt_len", prompt_len, len(context), "len(context_token_ids)")
         if request_id:                  # empty: an anonymous call, drafted without a soft-cache entry to reuse
             check_id("request_id", request_id, MAX_REQUEST_ID_CHARS)
         check_token_ids("context_token_ids", context, self.vocab_size)

@@ -21,7 +21,7 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             params = sampling_from_pb(request.sampling if request.HasField("sampling") else None)
             result = await asyncio.wrap_future(self.drafter.submit(
                 request.request_id, list(request.context_token_ids), request.k, params, request.round,
-                request.cache_namespace))
+                request.cache_namespace, request.prompt_len))
         except Exception as e:  # noqa: BLE001 - every failure becomes a status with a message
             await abort_with(context, e)
         span = trace.get_current_span()

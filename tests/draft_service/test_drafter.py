@@ -4,6 +4,7 @@ import pytest
 
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner
+from common.llm import LLM
 from common.speculative.params import SamplingParams
 from draft_service.drafter import Drafter
 from tests.checkpoints import build_model_folder
@@ -92,13 +93,33 @@ def test_kv_exhaustion_evicts_instead_of_failing(folder):
     assert all(len(o.proposal.token_ids) == 4 for o in outs)
 
 
-@pytest.mark.parametrize("context,k,match", [([], 2, "context_token_ids"), ([1, 2], 0, "k=0"),
-                                             ([1, 2], 9, "k=9"), ([1, 999], 2, "outside the vocabulary")])
-def test_bad_input_is_refused_before_queueing(folder, context, k, match):
+def test_penalties_steer_the_draft_as_they_steer_the_same_model_decoding_alone(folder):
+    """The draft penalises its context and its own drafts so far with the target's function: greedy, its K tokens
+    are the ones this model decodes target-only with the same penalties."""
+    params = SamplingParams(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.8, max_tokens=6,
+                            ignore_eos=True)
+    with LLM(folder, dtype="float32", kv_cache_memory_gib=0.02) as llm:
+        expected = [o.token_ids for o in llm.generate(CONTEXTS, params)]
+        plain = [o.token_ids for o in llm.generate(CONTEXTS, SamplingParams(max_tokens=6, ignore_eos=True))]
+    assert expected != plain                                                   # the penalties matter here
+    d = _drafter(folder)
+    try:
+        got = [d.propose(f"p{i}", ctx, 6, params, 0, timeout=30, prompt_len=len(ctx)).proposal.token_ids
+               for i, ctx in enumerate(CONTEXTS)]
+    finally:
+        d.shutdown()
+    assert got == expected
+
+
+@pytest.mark.parametrize("context,k,match,kw", [
+    ([], 2, "context_token_ids", {}), ([1, 2], 0, "k=0", {}), ([1, 2], 9, "k=9", {}),
+    ([1, 999], 2, "outside the vocabulary", {}),
+    ([1, 2], 2, "prompt_len=3: must be in \\[0, len\\(context_token_ids\\)=2\\]", {"prompt_len": 3})])
+def test_bad_input_is_refused_before_queueing(folder, context, k, match, kw):
     d = _drafter(folder)
     try:
         with pytest.raises(ValueError, match=match):
-            d.submit("bad", context, k, GREEDY, 0)
+            d.submit("bad", context, k, GREEDY, 0, **kw)
         assert d.propose("good", [1, 2, 3], 2, GREEDY, 0, timeout=30).proposal.k == 2
     finally:
         d.shutdown()
