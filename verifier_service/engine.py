@@ -22,12 +22,14 @@ from common.engine.batch_worker import BatchedEngine, BatchWorker, Job
 from common.engine.forward_io import SequenceChunk
 from common.errors import (EngineStoppedError, KVCacheExhaustedError, RoundMismatchError, SpecdError,
                            UnknownSessionError)
+from common.speculative.penalties import TokenHistory
 from common.speculative.proposal import DraftProposal
 from common.speculative.rejection import RejectionSampler, VerifyInput
 from common.speculative.params import SamplingParams
 from common.telemetry.metrics import VERIFIER_BATCH_SIZE, VERIFIER_PREEMPTIONS
 from common.telemetry.tracing import attached
-from common.validation import check_cache_namespace, check_fits_context, check_id, check_token_ids
+from common.validation import (check_cache_namespace, check_fits_context, check_id, check_prompt_len,
+                               check_token_ids)
 from common.kv.block_allocator import blocks_for
 from verifier_service.admission import AdmissionPolicy, AdmissionQueue
 from verifier_service.sessions import Session, SessionTable, VerifyResult
@@ -46,6 +48,7 @@ class VerifyCall:
     proposal: DraftProposal
     params: SamplingParams
     cache_namespace: str = ""      # prefix-cache tenant ("" = shared); read when the call creates the session
+    prompt_len: int = 0            # how many committed tokens are the prompt (penalties count the output after it)
     enqueued: float = 0.0
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it (set by the servicer)
 
@@ -251,19 +254,20 @@ class VerifierEngine(BatchedEngine):
                     self._drop_new_session(session)
                 fut.set_exception(e)
             return 0
-        outcomes = self.sampler([VerifyInput(row, c.proposal, c.params, c.round, c.committed_len)
-                                 for (c, _, _), row in zip(runnable, fwd.logits)])
+        outcomes = self.sampler([VerifyInput(row, c.proposal, c.params, c.round, c.committed_len, _history(c, s))
+                                 for (c, _, s), row in zip(runnable, fwd.logits)])
         compute_ms = (time.perf_counter() - t) * 1000
         VERIFIER_BATCH_SIZE.observe(len(runnable))
         for (call, fut, session), out, hit in zip(runnable, outcomes, fwd.cached_tokens):
             keep = call.committed_len + out.num_accepted
             with attached(call.trace_context):
                 self.executor.truncate(session.seq_id, keep)
-            session.kv_len = keep
+            session.tokens += call.new_tokens + out.accepted
             session.next_round = call.round + 1
             session.last_used = time.monotonic()
             session.last_result = VerifyResult(out.accepted, out.next_token, out.is_bonus, keep, call.round,
-                                               len(runnable), compute_ms, (t - call.enqueued) * 1000, hit)
+                                               len(runnable), compute_ms, (t - call.enqueued) * 1000, hit,
+                                               out.logprobs)
             fut.set_result(session.last_result)
         return len(runnable)
 
@@ -306,3 +310,9 @@ class VerifierEngine(BatchedEngine):
             raise ValueError(f"draft_token_ids: K={call.proposal.k} must be in [0, {self.k_max}]")
         call.proposal.validate(self.vocab_size, call.params.greedy or call.proposal.k == 0)
         check_fits_context("committed_len", call.committed_len, call.proposal.k, self.max_model_len, "K")
+        check_prompt_len("prompt_len", call.prompt_len, call.committed_len, "committed_len")
+
+
+def _history(call: VerifyCall, session: Session) -> TokenHistory | None:
+    """The committed tokens before d_1 (the session's, then the call's new ones), when the call sets a penalty."""
+    return TokenHistory(session.tokens + call.new_tokens, call.prompt_len) if call.params.penalized else None

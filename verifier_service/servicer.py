@@ -6,7 +6,7 @@ import asyncio
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from common.rpc.convert import proposal_from_pb, sampling_from_pb
+from common.rpc.convert import logprobs_to_pb, proposal_from_pb, sampling_from_pb
 from common.rpc.errors import abort_with
 from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from verifier_service.engine import VerifierEngine, VerifyCall
@@ -17,7 +17,8 @@ def _reply(r: VerifyResult) -> verifier_pb2.VerifyReply:
     return verifier_pb2.VerifyReply(accepted_token_ids=r.accepted, next_token_id=r.next_token, is_bonus=r.is_bonus,
                                     rollback=verifier_pb2.KvRollback(truncate_to=r.truncate_to, round=r.round),
                                     batch_size=r.batch_size, compute_ms=r.compute_ms,
-                                    queue_ms=r.queue_ms, cached_tokens=r.cached_tokens)
+                                    queue_ms=r.queue_ms, cached_tokens=r.cached_tokens,
+                                    logprobs=logprobs_to_pb(r.logprobs or []))
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
@@ -33,7 +34,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
             call = VerifyCall(request.session_id, request.round, request.committed_len, list(request.new_tokens),
                               proposal_from_pb(request.draft_token_ids, request.draft_dists),
                               sampling_from_pb(request.sampling if request.HasField("sampling") else None),
-                              request.cache_namespace)
+                              request.cache_namespace, request.prompt_len)
             call.trace_context = otel_context.get_current()     # the engine thread's spans join this RPC's trace
             fut = self.engine.submit(call)
             try:

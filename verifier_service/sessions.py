@@ -1,10 +1,12 @@
-"""Verifier sessions: which KV sequence serves a gateway request, which round comes next, the last reply."""
+"""Verifier sessions: which KV sequence serves a gateway request, its committed tokens, which round comes next,
+the last reply."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
 from common.errors import KVCacheExhaustedError
+from common.speculative.outcome import TokenLogprob
 
 
 @dataclass(slots=True)
@@ -18,6 +20,7 @@ class VerifyResult:
     compute_ms: float
     queue_ms: float = 0.0      # waited in the verify queue before the forward pass
     cached_tokens: int = 0     # of the call's new tokens, loaded from the prefix cache
+    logprobs: list[TokenLogprob] | None = None     # the target's, one per emitted token (when asked for)
 
 
 @dataclass(slots=True)
@@ -25,9 +28,15 @@ class Session:
     session_id: str
     seq_id: int
     next_round: int = 0
-    kv_len: int = 0                           # tokens of the session whose K/V are cached
+    # The tokens whose K/V are cached: every committed token but the last emitted one (the penalties' history).
+    # A (re-)prefill starts it from the call's new tokens; each round appends its new tokens and accepted drafts.
+    tokens: list[int] = field(default_factory=list)
     last_result: VerifyResult | None = None   # replayed for a retried round (idempotency)
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def kv_len(self) -> int:
+        return len(self.tokens)
 
 
 class SessionTable:

@@ -9,6 +9,7 @@ from common.speculative.proposal import DraftProposal
 from common.speculative.params import SamplingParams
 from common.errors import RoundMismatchError, UnknownSessionError
 from tests.checkpoints import build_model_folder
+from tests.common.speculative.reference import assert_same_logprobs
 from verifier_service.engine import VerifyCall
 
 GREEDY = SamplingParams()
@@ -19,8 +20,9 @@ def folder(tmp_path_factory):
     return str(build_model_folder(tmp_path_factory.mktemp("verifier") / "target", seed=5))
 
 
-def _verify(engine, sid, rnd, committed, new, drafts=()):
-    return engine.submit(VerifyCall(sid, rnd, committed, list(new), DraftProposal(list(drafts)), GREEDY)).result(30)
+def _verify(engine, sid, rnd, committed, new, drafts=(), params=GREEDY, prompt_len=0):
+    return engine.submit(VerifyCall(sid, rnd, committed, list(new), DraftProposal(list(drafts)), params,
+                                    prompt_len=prompt_len)).result(30)
 
 
 def test_rounds_follow_target_only_greedy(engine, folder):
@@ -41,6 +43,42 @@ def test_rounds_follow_target_only_greedy(engine, folder):
         out += r.accepted + [r.next_token]
         rnd += 1
     assert out[:12] == expected
+
+
+def test_penalised_rounds_and_their_logprobs_follow_target_only_across_a_re_prefill(engine, folder):
+    """The session's own token history (kept across rounds, restarted by a re-prefill) feeds the penalties; the
+    logprobs come one per emitted token, and a retried round replays them."""
+    prompt, n = [4, 8, 15, 16, 23, 42, 8, 8], 14
+    params = SamplingParams(max_tokens=n, ignore_eos=True, logprobs=3, presence_penalty=0.7, frequency_penalty=0.4,
+                            repetition_penalty=1.4)
+    with LLM(folder, dtype="float32", kv_cache_memory_gib=0.02) as llm:
+        expected = llm.generate([prompt], params)[0]
+    sent = []                                                        # every call, to retry one exactly
+
+    def run(rnd, new, drafts=()):
+        sent.append((rnd, len(prompt) + len(out), list(new), list(drafts)))
+        return _verify(engine, "lp", *sent[-1], params, len(prompt))
+    out, logprobs = [], []
+    r = run(0, prompt)
+    rnd = 1
+    while True:
+        assert len(r.logprobs) == len(r.accepted) + 1
+        assert [t.token_id for t in r.logprobs] == r.accepted + [r.next_token]
+        out += r.accepted + [r.next_token]
+        logprobs += r.logprobs
+        if len(out) >= n - 3:
+            break
+        if rnd == 3:
+            assert _verify(engine, "lp", *sent[-1], params, len(prompt)) == r    # a retry: same reply and logprobs
+            assert engine.release("lp")                              # lost: re-prefilled with every committed token
+            r = run(rnd, prompt + out)
+        else:
+            right = expected.token_ids[len(out):len(out) + 2]
+            r = run(rnd, [out[-1]], right + [(expected.token_ids[len(out) + 2] + 1) % 128])
+            assert r.accepted == right
+        rnd += 1
+    assert out == expected.token_ids[:len(out)]
+    assert_same_logprobs(logprobs, expected.logprobs[:len(out)])
 
 
 def test_retried_round_replays_the_reply_and_keeps_the_kv(engine):
@@ -96,6 +134,8 @@ def test_concurrent_sessions_share_forward_passes_and_release_frees_blocks(engin
     (VerifyCall("b", 0, 1, [1], DraftProposal([1] * 9), GREEDY), "K=9 must be in \\[0, 8\\]"),
     (VerifyCall("b", 0, 1, [1000], DraftProposal([]), GREEDY), "outside the vocabulary"),
     (VerifyCall("b", 0, 1, [1], DraftProposal([3]), SamplingParams(temperature=1.0)), "one draft distribution"),
+    (VerifyCall("b", 0, 1, [1], DraftProposal([]), GREEDY, prompt_len=2),
+     "prompt_len=2: must be in \\[0, committed_len=1\\]"),
 ])
 def test_bad_calls_are_refused_before_queueing(engine, call, match):
     with pytest.raises(ValueError, match=match):
