@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache soak system-deps clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve soak system-deps clean
 
 install: $(STAMP)
 
@@ -82,6 +82,23 @@ bench-services: install models
 # Prefix cache (off / in-process / Redis) time to first token, and the cost of tracing.
 bench-cache: install system-deps models
 	$(PY) -m bench.cache
+
+# Serving benchmark (~20 min on 2 cores): aiperf, NVIDIA's serving client, drives the gateway's OpenAI-compatible
+# HTTP door and bench/serve_grpc.py its gRPC door with the same load (bench/serve.py). aiperf lives in a venv of its
+# own, pinned; it runs offline on the local tokenizer.
+BENCH_VENV := .venv-bench
+AIPERF_VERSION := 0.13.0
+MATPLOTLIB_VERSION := 3.11.2
+BENCH_STAMP := $(BENCH_VENV)/.installed-aiperf-$(AIPERF_VERSION)
+$(BENCH_STAMP):
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q aiperf==$(AIPERF_VERSION) matplotlib==$(MATPLOTLIB_VERSION)
+	@touch $@
+
+# A smoke run: make bench-serve BENCH_SERVE_ARGS="--concurrency 1 4 --requests 1:1,4:4 --max-tokens 16 --name NAME"
+BENCH_SERVE_ARGS ?=
+bench-serve: install models $(BENCH_STAMP)
+	$(PY) -m bench.serve --aiperf $(BENCH_VENV)/bin/aiperf --plot-python $(BENCH_VENV)/bin/python $(BENCH_SERVE_ARGS)
 
 # Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
 SOAK_MINUTES ?= 20
