@@ -1,4 +1,5 @@
-"""The prompts both `specd demo` stages show: (name, prompt, wrap in the chat template)."""
+"""The prompts both `specd demo` stages show: (name, prompt, wrap in the chat template), and the conversation the
+services stage ends with through the OpenAI-compatible HTTP API."""
 from __future__ import annotations
 
 DEMO_PROMPTS = [
@@ -8,3 +9,8 @@ DEMO_PROMPTS = [
 ]
 # The in-process stage decodes each prompt twice (target only, then speculative): it keeps to the code prompts.
 IN_PROCESS_PROMPTS = DEMO_PROMPTS[:2]
+# A system turn and a user turn, rendered through the model's own chat template by the gateway.
+HTTP_MESSAGES = [
+    {"role": "system", "content": "You are a concise Python expert. Answer with code only."},
+    {"role": "user", "content": "Reverse a linked list in Python."},
+]
