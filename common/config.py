@@ -209,6 +209,9 @@ class EngineConfig:
     max_model_len: int | None = None          # None: the model's max_position_embeddings (capped at 32768)
     max_num_seqs: int = 64
     cpu_prepack: bool = True                  # oneDNN-packed matmul weights on CPU (common/layers/cpu_gemm.py)
+    # A token's logits independent of what shares its forward pass (common/layers/batch_invariant.py): bf16
+    # speculation then equals bf16 target-only bit for bit. CPU only.
+    batch_invariant: bool = False
     prefix_cache: PrefixCacheConfig | None = None   # None: every prefill is computed
 
     def __post_init__(self):
@@ -228,6 +231,8 @@ class EngineConfig:
             raise ConfigError(f"max_model_len={self.max_model_len}: must be >= 1")
         if self.max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs={self.max_num_seqs}: must be >= 1")
+        if self.batch_invariant and self.device != "cpu":
+            raise ConfigError(f"batch_invariant=True with device={self.device!r}: measured on CPU kernels only")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -50,7 +50,7 @@ class LLM:
     def __init__(self, target_path: str, draft_model_path: str | None = None,
                  num_speculative_tokens: int | str = 4, tp_size: int = 1, dtype: str = "bfloat16",
                  device: str = "cpu", k_max: int = 8, kv_cache_memory_gib: float = 1.0,
-                 max_model_len: int | None = None, max_num_seqs: int = 256):
+                 max_model_len: int | None = None, max_num_seqs: int = 256, batch_invariant: bool = False):
         if not 0 <= k_max <= 32:
             raise ConfigError(f"k_max={k_max}: must be in [0, 32]")
         self.k_max = k_max
@@ -66,7 +66,8 @@ class LLM:
                                   f"target {self.fingerprint} ({draft_model_path} vs {target_path})")
         self.target = TPExecutor(EngineConfig(model=target_path, dtype=dtype, device=device, tp_size=tp_size,
                                               kv_cache_memory_gib=kv_cache_memory_gib,
-                                              max_model_len=max_model_len, max_num_seqs=max_num_seqs))
+                                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                              batch_invariant=batch_invariant))
         # n-gram lookup costs nothing to keep around, so it is always offered; the draft model when given.
         self.proposers: dict[str, object] = {"ngram": NgramProposer()}
         if draft_model_path not in (None, "ngram"):

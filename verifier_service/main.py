@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(SPECD_MAX_WAITING)")
     p.add_argument("--max-wait-s", type=float, default=env_default("max_wait_s", 60.0),
                    help="a session waiting longer than this for KV blocks is refused (SPECD_MAX_WAIT_S)")
+    p.add_argument("--batch-invariant", action="store_true", default=env_default("batch_invariant", False),
+                   help="batch-invariant numerics: a token's logits do not depend on what shares its forward pass, "
+                        "so bf16 speculation equals bf16 target-only bit for bit (CPU; SPECD_BATCH_INVARIANT)")
 
 
 async def serve(args) -> None:
@@ -73,7 +76,8 @@ async def serve(args) -> None:
     executor = TPExecutor(EngineConfig(model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp,
                                        kv_cache_memory_gib=args.kv_cache_gib,
                                        max_model_len=args.max_model_len or None, max_num_seqs=args.max_sessions,
-                                       prefix_cache=prefix_cache_config(args)),
+                                       prefix_cache=prefix_cache_config(args),
+                                       batch_invariant=args.batch_invariant),
                           on_rank_loss=on_rank_loss)
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
                             session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions,

@@ -20,6 +20,7 @@ from common.kv.block_hash import chain_hashes, namespace_root, tenant_root
 from common.kv.block_table import BlockTable
 from common.kv.kv_cache import PagedKVCache
 from common.kv.prefix_cache import PrefixCache
+from common.layers import batch_invariant
 from common.layers.attention import AttentionMetadata
 from common.models.fingerprint import model_fingerprint
 from common.models.loader import load_weights
@@ -61,6 +62,11 @@ class ModelRunner:
         if self.device.type == "cpu" and config.cpu_prepack:
             self.model.prepack_cpu_weights()
         mc = self.model_config
+        if config.batch_invariant:
+            tp_size = self.tp.world_size
+            tiles = batch_invariant.enable(self.model, mc.num_heads // tp_size, mc.num_kv_heads // tp_size,
+                                           mc.head_dim, self.dtype, self.device)
+            log.info("batch-invariant numerics on: row tiles %s", sorted(set(tiles.values())))
         self.block_size = config.block_size
         num_blocks = config.resolved_num_kv_blocks(mc)
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, self.block_size,
@@ -256,6 +262,8 @@ class ModelRunner:
         q_lens = [len(c.token_ids) for c in chunks]
         ctx_lens = [self.sequences[c.seq_id].num_tokens + q for c, q in zip(chunks, q_lens)]
         b, max_q, max_ctx = len(chunks), max(q_lens), max(ctx_lens)
+        if self.config.batch_invariant:
+            return self._invariant_metadata(chunks, slot_mapping, q_lens, ctx_lens)
         if b == 1 and q_lens[0] == ctx_lens[0]:
             return AttentionMetadata(slot_mapping, slot_mapping.new_zeros(1, 1), None, None, 1, max_q,
                                      is_causal_prefill=True)
@@ -275,3 +283,20 @@ class ModelRunner:
                                   for ctx, q in zip(ctx_lens, q_lens)])                 # [B, max_q]
             attn_mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1).to(dev)  # [B,1,max_q,max_ctx]
         return AttentionMetadata(slot_mapping, context_slots.to(dev), attn_mask, query_index, b, max_q)
+
+    def _invariant_metadata(self, chunks: list[SequenceChunk], slot_mapping: torch.Tensor, q_lens: list[int],
+                            ctx_lens: list[int]) -> AttentionMetadata:
+        """Batch-invariant mode: every sequence's context padded to whole key blocks, each query's position."""
+        dev = self.device
+        b, max_q = len(chunks), max(q_lens)
+        length = batch_invariant.padded_key_length(max(ctx_lens))
+        context_slots = torch.zeros(b, length, dtype=torch.long)                       # pad -> slot 0, masked
+        for i, c in enumerate(chunks):
+            context_slots[i, :ctx_lens[i]] = torch.tensor(self.sequences[c.seq_id].slots(0, ctx_lens[i]))
+        q_pos = torch.tensor([[ctx - q + j if j < q else 0 for j in range(max_q)]
+                              for ctx, q in zip(ctx_lens, q_lens)])                     # [B, max_q]
+        query_index = None
+        if any(q != max_q for q in q_lens):
+            query_index = torch.tensor([i * max_q + j for i, q in enumerate(q_lens) for j in range(q)], device=dev)
+        return AttentionMetadata(slot_mapping, context_slots.to(dev), None, query_index, b, max_q,
+                                 q_pos=q_pos.to(dev))

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.layers.batch_invariant import invariant_attention
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -22,6 +24,9 @@ class AttentionMetadata:
     num_seqs: int
     max_q: int
     is_causal_prefill: bool = False     # one sequence, all of it new: plain causal attention, no cache read
+    # Batch-invariant mode (common/layers/batch_invariant.py): the position of each query in the padded layout
+    # (padding rows: 0); context_slots is then padded to whole key blocks and attn_mask is None.
+    q_pos: torch.Tensor | None = None   # [num_seqs, max_q]
 
 
 class PagedAttention(nn.Module):
@@ -54,6 +59,9 @@ class PagedAttention(nn.Module):
             q_pad = q.new_zeros(b * mq, self.num_heads, self.head_dim)
             q_pad[meta.query_index] = q
             q_pad = q_pad.view(b, mq, self.num_heads, self.head_dim)
+        if meta.q_pos is not None:
+            out = invariant_attention(q_pad, keys, values, meta.q_pos, self.scale).reshape(b * mq, -1)  # [B·max_q, H·D]
+            return out if meta.query_index is None else out[meta.query_index]
         out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys, values, attn_mask=meta.attn_mask,
                                              scale=self.scale, enable_gqa=gqa)  # [B, H, max_q, D]
         out = out.transpose(1, 2).reshape(b * mq, self.num_heads * self.head_dim)

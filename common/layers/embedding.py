@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.distributed import TPGroup
+from common.layers.batch_invariant import RowTiled
 from common.layers.cpu_gemm import packed_linear, prepack
 from common.layers.weight_utils import copy_into, narrow_rows, shape_of
 from common.errors import CheckpointError
@@ -41,20 +42,26 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(y)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
+class ParallelLMHead(RowTiled, VocabParallelEmbedding):
     """logits = h Eᵀ over this rank's vocabulary slice, gathered into the full vocabulary on every rank."""
 
     packed_weight: torch.Tensor | None = None
+
+    def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup):
+        super().__init__(vocab_size, hidden_size, tp)
+        self.in_features, self.out_features = hidden_size, self.rows_per_rank
 
     def prepack(self) -> None:
         # The plain weight stays: a tied head shares it with the embedding lookup.
         self.packed_weight = prepack(self.weight.data)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
+    def matmul(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, rows_per_rank]
         if self.packed_weight is not None:
-            logits = packed_linear(hidden, self.packed_weight)  # [n, rows_per_rank]
-        else:
-            logits = F.linear(hidden, self.weight)
+            return packed_linear(hidden, self.packed_weight)
+        return F.linear(hidden, self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
+        logits = self.tiled_matmul(hidden)                      # [n, rows_per_rank]
         if self.tp.world_size > 1:
             logits = self.tp.all_gather_last_dim(logits)        # [n, rows_per_rank * tp]
         return logits[:, :self.vocab_size]

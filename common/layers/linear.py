@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.distributed import TPGroup
+from common.layers.batch_invariant import RowTiled
 from common.layers.cpu_gemm import packed_linear, prepack
 from common.layers.weight_utils import copy_into, narrow_cols, narrow_rows, shape_of
 
@@ -16,7 +17,7 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(RowTiled, nn.Module):
     """y = x Wᵀ with W's output rows split across ranks; each rank returns its slice of y (no communication)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPGroup):
@@ -24,6 +25,7 @@ class ColumnParallelLinear(nn.Module):
         self.tp = tp
         self.packed_weight: torch.Tensor | None = None
         self.output_size_per_rank = _divide(output_size, tp.world_size, "output_size")
+        self.in_features, self.out_features = input_size, self.output_size_per_rank
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -42,10 +44,13 @@ class ColumnParallelLinear(nn.Module):
         if self.packed_weight is not None:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tiled_matmul(x)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -96,7 +101,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         return "qkv".index(shard_id)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(RowTiled, nn.Module):
     """y = x Wᵀ with W's input columns split across ranks; partial sums are all-reduced (one collective)."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool, tp: TPGroup):
@@ -104,6 +109,7 @@ class RowParallelLinear(nn.Module):
         self.tp = tp
         self.packed_weight: torch.Tensor | None = None
         self.input_size_per_rank = _divide(input_size, tp.world_size, "input_size")
+        self.in_features, self.out_features = self.input_size_per_rank, output_size
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -118,7 +124,9 @@ class RowParallelLinear(nn.Module):
 
     prepack = ColumnParallelLinear.prepack
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed_weight) if self.packed_weight is not None else F.linear(x, self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = packed_linear(x, self.packed_weight) if self.packed_weight is not None else F.linear(x, self.weight)
-        y = self.tp.all_reduce(partial)
+        y = self.tp.all_reduce(self.tiled_matmul(x))
         return y if self.bias is None else y + self.bias

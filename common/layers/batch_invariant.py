@@ -1,0 +1,147 @@
+"""Batch-invariant numerics: a token's logits do not depend on how many other tokens share its forward pass.
+
+Without it, in bf16 a (K+1)-row verify pass and a 1-row decode pass round differently and near-ties flip, so
+speculative output can drift from target-only output. What varies was measured here (torch 2.13 CPU, oneDNN):
+
+- **Matmuls.** oneDNN picks its kernel by row count: 1 row takes a matrix-vector path, an odd remainder row a
+  different one, so a row's result depends on its neighbours. Padding every call to a multiple of a small row
+  tile makes one kernel variant run for every row. The tile is found per weight shape when the mode is switched
+  on (`find_row_tile`: the smallest tile whose outputs are bitwise equal for every row count probed). It is 2 on
+  an AVX-512 EPYC; a machine whose kernels need more gets more, and one whose kernels no tile fixes is refused.
+- **Attention.** torch's CPU flash kernel blocks queries by their count (32 rows under 192) and keys in blocks of
+  512, and a partial block computes in a shape-dependent order. `invariant_attention` feeds it only whole blocks:
+  query rows padded to 32-row tiles, keys padded to whole 512-blocks; padding only ever adds masked rows or fully
+  masked key blocks, which leave each row's online softmax bit for bit unchanged. `check_attention` proves this
+  at switch-on on the machine's own kernels.
+- RMSNorm (row-wise reductions), RoPE, SiLU, residual adds and the TP all-reduce (two operands, commutative) do not
+  vary with the row count; the tests check the whole model.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from common.errors import ConfigError
+
+KV_BLOCK = 512                     # torch's CPU flash-attention key split: pad key lengths to whole blocks
+ROW_TILES = (2, 4, 8, 16, 32)      # candidate row tiles, cheapest first
+PROBE_ROWS = (1, 2, 3, 5, 8, 9, 16, 17, 33, 40)
+Q_TILE = 32                        # query rows per flash-kernel block (its split for calls under 192 rows)
+Q_TILES_PER_CALL = 5               # 160 rows per call: the kernel keeps its 32-row split
+
+
+def pad_rows(x: torch.Tensor, tile: int) -> torch.Tensor:
+    """x [n, in] -> [ceil(n / tile) * tile, in], zero rows appended."""
+    extra = -x.shape[0] % tile
+    return x if extra == 0 else torch.cat([x, x.new_zeros(extra, x.shape[1])])
+
+
+def find_row_tile(matmul: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype,
+                  device: torch.device) -> int:
+    """The smallest tile t such that `matmul` of rows padded to a multiple of t gives each row the same bits
+    whatever else is in the call; ConfigError when no tile does."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(max(PROBE_ROWS), in_features, generator=g).to(dtype=dtype, device=device)   # [rows, in]
+    for tile in ROW_TILES:
+        alone = [matmul(pad_rows(x[j:j + 1], tile))[:1] for j in range(x.shape[0])]
+        if all(torch.equal(matmul(pad_rows(x[:m], tile))[j:j + 1], alone[j]) for m in PROBE_ROWS for j in range(m)):
+            return tile
+    raise ConfigError(f"batch_invariant: no row tile in {ROW_TILES} makes a [{in_features}]-input {dtype} matmul "
+                      "row-invariant on this machine's kernels; run without batch_invariant")
+
+
+def invariant_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Attention in which every query row gets the same bits whatever rows, sequences or padding share the call.
+
+    q [B, max_q, H, D]; keys, values [B, KVH, L, D] with L a multiple of KV_BLOCK; q_pos [B, max_q] the position
+    of each query (it sees keys 0..q_pos) -> [B, max_q, H·D].
+
+    The query heads that share a KV head become rows of that head ((query, group) pairs), padded to whole tiles
+    of Q_TILE rows, and each call holds at most Q_TILES_PER_CALL tiles: torch's CPU flash kernel then always
+    multiplies exact Q_TILE-row blocks by exact KV_BLOCK-key blocks. Each call reads keys only up to the last
+    block any of its rows can see; blocks past a row's position are fully masked, which changes nothing.
+    """
+    b, max_q, h, d = q.shape
+    kvh, length = keys.shape[1], keys.shape[2]
+    g = h // kvh
+    rows = max_q * g
+    qr = q.reshape(b, max_q, kvh, g, d).permute(0, 2, 1, 3, 4).reshape(b, kvh, rows, d)   # [B, KVH, rows, D]
+    pos = q_pos.unsqueeze(-1).expand(b, max_q, g).reshape(b, 1, rows)                     # [B, 1, rows]
+    pad = -rows % Q_TILE
+    if pad:
+        qr = torch.cat([qr, qr.new_zeros(b, kvh, pad, d)], dim=2)
+        pos = torch.cat([pos, pos.new_zeros(b, 1, pad)], dim=2)                           # pad rows see key 0
+    key_pos = torch.arange(length, device=q.device)                                        # [L]
+    step = Q_TILE * Q_TILES_PER_CALL
+    out = []
+    for s in range(0, qr.shape[2], step):
+        p = pos[:, :, s:s + step]                                                          # [B, 1, r]
+        seen = padded_key_length(int(p.max()) + 1)
+        mask = key_pos[:seen].view(1, 1, 1, -1) <= p.unsqueeze(-1)                         # [B, 1, r, seen]
+        out.append(F.scaled_dot_product_attention(qr[:, :, s:s + step], keys[:, :, :seen], values[:, :, :seen],
+                                                  attn_mask=mask, scale=scale))            # [B, KVH, r, D]
+    o = (out[0] if len(out) == 1 else torch.cat(out, dim=2))[:, :, :rows]
+    return o.reshape(b, kvh, max_q, g, d).permute(0, 2, 1, 3, 4).reshape(b, max_q, h * d)
+
+
+def padded_key_length(max_ctx: int) -> int:
+    return -(-max_ctx // KV_BLOCK) * KV_BLOCK
+
+
+def check_attention(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Prove `invariant_attention` row-invariant on this machine's kernels (a verify chunk vs each row alone vs
+    one more padded block, across a block boundary); ConfigError if it is not."""
+    g = torch.Generator().manual_seed(1)
+    ctx, q_len = KV_BLOCK + 37, 31                  # 31 queries x the group: more than one call's rows
+    length = padded_key_length(ctx)
+    keys = torch.randn(1, num_kv_heads, length + KV_BLOCK, head_dim, generator=g).to(dtype=dtype, device=device)
+    values = torch.randn(keys.shape, generator=g).to(dtype=dtype, device=device)
+    q = torch.randn(1, q_len, num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    pos = torch.arange(ctx - q_len, ctx, device=device).view(1, -1)                      # crosses a block edge
+    chunk = invariant_attention(q, keys[:, :, :length], values[:, :, :length], pos, head_dim ** -0.5)
+    for j in range(q_len):
+        own = padded_key_length(int(pos[0, j]) + 1)
+        alone = invariant_attention(q[:, j:j + 1], keys[:, :, :own], values[:, :, :own], pos[:, j:j + 1],
+                                    head_dim ** -0.5)
+        wider = invariant_attention(q[:, j:j + 1], keys[:, :, :own + KV_BLOCK], values[:, :, :own + KV_BLOCK],
+                                    pos[:, j:j + 1], head_dim ** -0.5)
+        if not (torch.equal(chunk[:, j], alone[:, 0]) and torch.equal(alone, wider)):
+            raise ConfigError(f"batch_invariant: attention ({num_heads} heads, {num_kv_heads} KV heads, {dtype}) "
+                              "is not row-invariant on this machine's kernels; run without batch_invariant")
+
+
+class RowTiled:
+    """A layer whose `matmul(x)` ([n, in] -> [n, out], no communication) is padded to a multiple of `row_tile`
+    rows once batch-invariant mode sets it (None: as is)."""
+    row_tile: int | None = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tiled_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_tile is None:
+            return self.matmul(x)
+        return self.matmul(pad_rows(x, self.row_tile))[:x.shape[0]]
+
+
+def enable(model: torch.nn.Module, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+           device: torch.device) -> dict[tuple[int, int], int]:
+    """Switch a model's matmuls to their row tiles (found once per [in, out] shape) after proving attention
+    invariant; -> {(in_features, out_features): row tile}. Call after prepacking: the tiles are the packed
+    kernels'."""
+    if device.type != "cpu":
+        raise ConfigError(f"batch_invariant: measured on CPU kernels only, not on device={device.type!r}")
+    check_attention(num_heads, num_kv_heads, head_dim, dtype, device)
+    tiles: dict[tuple[int, int], int] = {}
+    with torch.inference_mode():
+        for module in model.modules():
+            if isinstance(module, RowTiled):
+                shape = (module.in_features, module.out_features)
+                if shape not in tiles:
+                    tiles[shape] = find_row_tile(module.matmul, module.in_features, dtype, device)
+                module.row_tile = tiles[shape]
+    return tiles
