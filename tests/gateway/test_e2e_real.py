@@ -1,4 +1,6 @@
-"""The real Qwen pair through the three services (verifier TP=2): greedy output equals in-process target-only."""
+"""The real Qwen pair through the three services (verifier TP=2): greedy output equals target-only, in float32
+(against in-process decoding) and in bfloat16 with batch-invariant numerics (against K=0 through the same
+services: the same TP=2 kernels, one token per pass)."""
 import pytest
 
 from common.distributed import free_port
@@ -40,3 +42,22 @@ def test_real_pair_through_the_gateway_equals_target_only(real_models, tmp_path)
                 print(f"rounds={s.rounds} accepted={s.accepted}/{s.drafted} mean_len={s.mean_acceptance_length:.2f}")
                 assert list(reply.token_ids) == exp
                 assert s.accepted > 0
+
+
+def test_real_pair_through_the_gateway_bf16_batch_invariant_equals_target_only(real_models, tmp_path):
+    target, draft = str(real_models["target"]), str(real_models["draft"])
+    ports = (free_port(), free_port(), free_port())
+    env = {"SPECD_KV_CACHE_GIB": "0.125", "SPECD_BATCH_INVARIANT": "1"}   # only the verifier reads the flag
+    with LocalTopology(target, draft, tp=2, dtype="bfloat16", ports=ports, k="auto", log_dir=tmp_path,
+                       extra_env=env, log_level="INFO") as topo:
+        with SpecdClient(f"127.0.0.1:{topo.gateway_port}") as client:
+            for text, chat in PROMPTS:
+                base = client.generate(text, max_tokens=MAX_TOKENS, ignore_eos=True, use_chat_template=chat,
+                                       num_speculative_tokens=0)
+                spec = client.generate(text, max_tokens=MAX_TOKENS, ignore_eos=True, use_chat_template=chat,
+                                       num_speculative_tokens="auto")
+                s = spec.stats
+                print(f"bf16 invariant: rounds={s.rounds} accepted={s.accepted}/{s.drafted}")
+                assert base.stats.drafted == 0 and s.accepted > 0
+                assert list(spec.token_ids) == list(base.token_ids), f"{text[:30]!r} diverged in bf16"
+    assert "batch-invariant numerics on" in (tmp_path / "verifier.log").read_text()

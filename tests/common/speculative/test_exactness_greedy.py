@@ -1,4 +1,5 @@
-"""Greedy speculative output equals target-only greedy output, token for token, on the real Qwen pair."""
+"""Greedy speculative output equals target-only greedy output, token for token, on the real Qwen pair: in float32,
+and in bfloat16 with batch-invariant numerics (without them bf16 near-ties flip: test_batch_invariant_real.py)."""
 import pytest
 
 from common.llm import LLM
@@ -18,11 +19,13 @@ PROMPTS = [
 MAX_TOKENS = 64
 
 
-@pytest.fixture(scope="module")
-def llm(real_models):
-    # float32: batched verification and one-token decoding then agree to ~1e-5, far below real logit gaps
+@pytest.fixture(scope="module", params=["float32", "bfloat16-invariant"])
+def llm(real_models, request):
+    # float32: batched verification and one-token decoding agree to ~1e-5, far below real logit gaps.
+    # bfloat16 with batch_invariant: they agree bit for bit.
+    dtype = request.param.split("-")[0]
     with LLM(str(real_models["target"]), str(real_models["draft"]), num_speculative_tokens="auto",
-             dtype="float32", kv_cache_memory_gib=0.5) as llm:
+             dtype=dtype, kv_cache_memory_gib=0.5, batch_invariant=request.param.endswith("invariant")) as llm:
         yield llm
 
 
