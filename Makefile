@@ -73,8 +73,10 @@ bench: bench-engine bench-spec bench-services bench-cache
 bench-engine: install models
 	$(PY) -m bench.engine
 
+# Speculative decoding vs transformers; then batch-invariant numerics on vs off (cost, and bf16 exactness).
 bench-spec: install models
 	$(PY) -m bench.spec
+	$(PY) -m bench.invariant
 
 bench-services: install models
 	$(PY) -m bench.services
