@@ -24,7 +24,7 @@ def four_ways(engine, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
     engine.forward([Chunk(2, prompt)] + [Chunk(10 + i, o) for i, o in enumerate(others)])
     for step, t in enumerate(cont):
         res = engine.forward([Chunk(10 + i, [o[step % len(o)]]) for i, o in enumerate(others[:3])]
-                             + [Chunk(2, [t])] + [Chunk(10 + i, [o[step]], ) for i, o in enumerate(others[3:], 3)])
+                             + [Chunk(2, [t])] + [Chunk(10 + i, [o[step]]) for i, o in enumerate(others[3:], 3)])
         last = res.logits[3][-1]
     out["batch_of_8"] = last
     # row j of a verify chunk: the continuation plus 3 drafts in one pass
