@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         for _, k in SYSTEMS:
             run(mode, k, [ids[0][:8]])
     cells = [(mode, name, k, batch) for batch in (1, 8) for mode in MODES for name, k in SYSTEMS]
-    times = {c[:2] + (c[3],): [] for c in cells}
+    times = {(mode, name, batch): [] for mode, name, _, batch in cells}
     outputs: dict[tuple, list[list[int]]] = {}
     for rep in range(args.reps):
         for mode, name, k, batch in cells:

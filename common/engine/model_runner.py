@@ -259,44 +259,31 @@ class ModelRunner:
 
     def _attention_metadata(self, chunks: list[SequenceChunk], slot_mapping: torch.Tensor) -> AttentionMetadata:
         dev = self.device
+        invariant = self.config.batch_invariant
         q_lens = [len(c.token_ids) for c in chunks]
         ctx_lens = [self.sequences[c.seq_id].num_tokens + q for c, q in zip(chunks, q_lens)]
         b, max_q, max_ctx = len(chunks), max(q_lens), max(ctx_lens)
-        if self.config.batch_invariant:
-            return self._invariant_metadata(chunks, slot_mapping, q_lens, ctx_lens)
-        if b == 1 and q_lens[0] == ctx_lens[0]:
+        if b == 1 and q_lens[0] == ctx_lens[0] and not invariant:
             return AttentionMetadata(slot_mapping, slot_mapping.new_zeros(1, 1), None, None, 1, max_q,
                                      is_causal_prefill=True)
-        context_slots = torch.zeros(b, max_ctx, dtype=torch.long)
+        # Batch-invariant mode: contexts padded to whole key blocks (common/layers/batch_invariant.py).
+        length = batch_invariant.padded_key_length(max_ctx) if invariant else max_ctx
+        context_slots = torch.zeros(b, length, dtype=torch.long)                       # pad -> slot 0, masked
         for i, c in enumerate(chunks):
             context_slots[i, :ctx_lens[i]] = torch.tensor(self.sequences[c.seq_id].slots(0, ctx_lens[i]))
         uniform = all(q == max_q for q in q_lens)
         query_index = None
         if not uniform:
             query_index = torch.tensor([i * max_q + j for i, q in enumerate(q_lens) for j in range(q)], device=dev)
-        attn_mask = None
-        if max_q > 1 or len(set(ctx_lens)) > 1:
-            # Query j of sequence i sits at position ctx_i - max_q + j (right-aligned) or ctx_i - q_i + j;
-            # it may see keys at positions <= its own. Padded query rows see key 0 only, to stay finite.
-            key_pos = torch.arange(max_ctx)                                            # [max_ctx]
-            q_pos = torch.tensor([[ctx - q + j if j < q else 0 for j in range(max_q)]
-                                  for ctx, q in zip(ctx_lens, q_lens)])                 # [B, max_q]
-            attn_mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1).to(dev)  # [B,1,max_q,max_ctx]
-        return AttentionMetadata(slot_mapping, context_slots.to(dev), attn_mask, query_index, b, max_q)
-
-    def _invariant_metadata(self, chunks: list[SequenceChunk], slot_mapping: torch.Tensor, q_lens: list[int],
-                            ctx_lens: list[int]) -> AttentionMetadata:
-        """Batch-invariant mode: every sequence's context padded to whole key blocks, each query's position."""
-        dev = self.device
-        b, max_q = len(chunks), max(q_lens)
-        length = batch_invariant.padded_key_length(max(ctx_lens))
-        context_slots = torch.zeros(b, length, dtype=torch.long)                       # pad -> slot 0, masked
-        for i, c in enumerate(chunks):
-            context_slots[i, :ctx_lens[i]] = torch.tensor(self.sequences[c.seq_id].slots(0, ctx_lens[i]))
+        # Query j of sequence i sits at position ctx_i - max_q + j (right-aligned) or ctx_i - q_i + j;
+        # it may see keys at positions <= its own. Padded query rows see key 0 only, to stay finite.
         q_pos = torch.tensor([[ctx - q + j if j < q else 0 for j in range(max_q)]
                               for ctx, q in zip(ctx_lens, q_lens)])                     # [B, max_q]
-        query_index = None
-        if any(q != max_q for q in q_lens):
-            query_index = torch.tensor([i * max_q + j for i, q in enumerate(q_lens) for j in range(q)], device=dev)
-        return AttentionMetadata(slot_mapping, context_slots.to(dev), None, query_index, b, max_q,
-                                 q_pos=q_pos.to(dev))
+        if invariant:
+            return AttentionMetadata(slot_mapping, context_slots.to(dev), None, query_index, b, max_q,
+                                     q_pos=q_pos.to(dev))
+        attn_mask = None
+        if max_q > 1 or len(set(ctx_lens)) > 1:
+            key_pos = torch.arange(max_ctx)                                            # [max_ctx]
+            attn_mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1).to(dev)  # [B,1,max_q,max_ctx]
+        return AttentionMetadata(slot_mapping, context_slots.to(dev), attn_mask, query_index, b, max_q)

@@ -3,13 +3,13 @@ speculative (K=auto) through the same services, tokens/s side by side; then one 
 official `openai` package."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.config import ModelConfig
 from common.distributed import free_port
 from gateway.client import SpecdClient
 from scripts.dev.demo_prompts import DEMO_PROMPTS, HTTP_MESSAGES
@@ -139,16 +139,11 @@ def http_call(base_url: str, messages=HTTP_MESSAGES, max_tokens: int = 64, api_k
     return {"text": "".join(parts), "completion_tokens": tokens, "spec_decode": stats}
 
 
-def _kv_heads(target: str) -> int:
-    cfg = json.loads((Path(target) / "config.json").read_text())
-    return int(cfg.get("num_key_value_heads") or cfg.get("num_attention_heads") or 1)
-
-
 def run_services_demo(target: str, draft: str, dtype: str = "bfloat16", tp: int | None = None,
                       max_tokens: int = 96, prompts=DEMO_PROMPTS, messages=HTTP_MESSAGES, k="auto") -> list:
     cores = len(os.sched_getaffinity(0))
     if tp is None:
-        tp, why = choose_tp(cores, _kv_heads(target))
+        tp, why = choose_tp(cores, ModelConfig.from_pretrained(target).num_kv_heads)
     else:
         why = f"TP={tp}: set by --tp"
     logs = Path(tempfile.mkdtemp(prefix="specd-demo-"))
