@@ -5,6 +5,13 @@ position; a position tested fewer than `min_observations` times borrows the pool
 positions a small K never reaches are not stuck at the prior), one round with K drafts emits E(K) = 1 + Σ_{j=1..K} Π_{i≤j} a_i tokens on average (for a constant
 α this is (1 − α^(K+1)) / (1 − α)) and costs K·t_draft + t_verify(K). K = 0 is plain decoding. When K = 0
 wins for a while, one short probe round keeps the acceptance estimates fresh.
+
+Across a network each call also has a fixed cost (round trip, serialization, queueing) that does not grow with K:
+the cost model keeps it apart from per-step compute for both hops (the services report their compute time), so
+a long round trip to the draft makes K = 0 dearer to leave and longer drafts cheaper per token, instead of
+looking like a slow draft step. With pre-drafting (the next round drafted while this one is verified, for the
+outcome "all K accepted and the verifier's bonus token is the draft's own guess"), a hit hides the next round's
+whole draft call; the controller weighs that by the hit probability Π a_i · g (g: how often the guess matched).
 """
 from __future__ import annotations
 
@@ -13,10 +20,19 @@ from dataclasses import dataclass, field
 
 @dataclass(slots=True)
 class CostModel:
-    """Measured costs shared by all requests of an engine: one draft step, and a verify pass of n tokens."""
+    """Measured costs shared by all requests of an engine: one draft step, a verify pass of n tokens, and (across a
+    network) the fixed cost of each call to the draft and to the verifier.
+
+    `fixed_call_costs=False` is the model before calls had a fixed part: a draft call's whole time divided by its
+    steps, a verify call's whole time on the line. Kept to measure the network-aware model against it.
+    `pre_draft`: the driver drafts the next round while this one is verified (the gateway's --pre-draft)."""
     t_draft: float = 0.0                 # seconds per draft forward step
     t_verify_base: float = 0.0           # seconds for a 1-token target pass
     t_verify_per_token: float = 0.0      # extra seconds per additional verified token
+    draft_call: float = 0.0              # seconds per draft call beyond its compute: round trip, serialization, queue
+    verify_call: float = 0.0             # the same for a verify call
+    fixed_call_costs: bool = True
+    pre_draft: bool = False
     smoothing: float = 0.2
     max_jump: float = 4.0                # an observation counts as at most this factor off the running estimate
     _verify_obs: dict[int, float] = field(default_factory=dict)   # tokens -> EMA seconds
@@ -25,19 +41,47 @@ class CostModel:
     def calibrated(self) -> bool:
         return self.t_verify_base > 0
 
-    def observe_draft(self, steps: int, seconds: float) -> None:
-        if steps > 0:
-            self.t_draft = self._ema(self.t_draft, seconds / steps)
+    def observe_draft(self, steps: int, seconds: float, compute_s: float | None = None) -> None:
+        """One draft call of `steps` steps that took `seconds` end to end; `compute_s`: what the service reports
+        computing (None: in process, all of it is compute)."""
+        if steps <= 0:
+            return
+        if compute_s is None or not self.fixed_call_costs:
+            compute_s = seconds
+        else:
+            self.draft_call = self._ema_abs(self.draft_call, seconds - compute_s)
+        self.t_draft = self._ema(self.t_draft, compute_s / steps)
 
-    def observe_verify(self, num_tokens: int, seconds: float) -> None:
-        self._verify_obs[num_tokens] = self._ema(self._verify_obs.get(num_tokens, 0.0), seconds)
+    def observe_verify(self, num_tokens: int, seconds: float, compute_s: float | None = None) -> None:
+        if compute_s is None or not self.fixed_call_costs:
+            compute_s = seconds
+        else:
+            self.verify_call = self._ema_abs(self.verify_call, seconds - compute_s)
+        self._verify_obs[num_tokens] = self._ema(self._verify_obs.get(num_tokens, 0.0), compute_s)
         self._refit()
 
     def verify_cost(self, k: int) -> float:
-        return self.t_verify_base + k * self.t_verify_per_token
+        """Seconds of one verify call of K drafts (+1 token), its fixed call cost included."""
+        return self.verify_call + self.t_verify_base + k * self.t_verify_per_token
 
-    def round_cost(self, k: int) -> float:
-        return k * self.t_draft + self.verify_cost(k)
+    def draft_cost(self, k: int) -> float:
+        """Seconds of one draft call of K steps (0: no call)."""
+        return self.draft_call + k * self.t_draft if k else 0.0
+
+    def round_cost(self, k: int, hit: float = 0.0) -> float:
+        """Expected seconds of a round with K drafts. `hit`: the probability that the round's proposal was already
+        pre-drafted. A pre-draft (K + 1 steps: the guessed bonus token, then K drafts) runs beside the verify call;
+        whatever of it outlasts the verify call delays the next round, hit or miss (the draft is busy)."""
+        verify = self.verify_cost(k)
+        if not (self.pre_draft and k):
+            return self.draft_cost(k) + verify
+        overrun = max(0.0, self.draft_call + (k + 1) * self.t_draft - verify)
+        return (1 - hit) * self.draft_cost(k) + verify + overrun
+
+    def _ema_abs(self, old: float, new: float) -> float:
+        """EMA of a quantity that may legitimately be ~0 (a loopback round trip): no relative clamp."""
+        new = max(0.0, new)
+        return new if old == 0.0 else (1 - self.smoothing) * old + self.smoothing * new
 
     def _ema(self, old: float, new: float) -> float:
         if old == 0.0:
@@ -85,6 +129,29 @@ class AdaptiveK:
         self.smoothing = smoothing
         self.probe_every = probe_every
         self._rounds_at_zero = 0
+        self.guess_match = prior             # P(the verifier's bonus token == the draft's guess | all K accepted)
+        self.guess_observations = 0
+
+    def hit_probability(self, k: int) -> float:
+        """P(a pre-draft for K drafts is used): all K accepted and the bonus token guessed."""
+        p = self.guess_match
+        for a in self.acceptance[:k]:
+            p *= a
+        return p
+
+    def should_pre_draft(self, k: int) -> bool:
+        """Pre-draft after a round of K drafts when the draft call a hit saves outweighs the pre-draft's overrun of
+        the verify call (which delays the next round hit or miss)."""
+        c = self.costs
+        if not c.calibrated or k == 0:
+            return k > 0
+        overrun = max(0.0, c.draft_call + (k + 1) * c.t_draft - c.verify_cost(k))
+        return self.hit_probability(k) * c.draft_cost(k) > overrun
+
+    def observe_guess(self, matched: bool) -> None:
+        """A round whose K drafts were all accepted, pre-drafted with a guessed bonus token: was it right?"""
+        self.guess_match = (1 - self.smoothing) * self.guess_match + self.smoothing * float(matched)
+        self.guess_observations += 1
 
     @property
     def acceptance(self) -> list[float]:
@@ -101,7 +168,7 @@ class AdaptiveK:
         acceptance = self.acceptance
         best_k, best_rate = 0, expected_tokens(acceptance, 0) / self.costs.round_cost(0)
         for k in range(1, k_cap + 1):
-            rate = expected_tokens(acceptance, k) / self.costs.round_cost(k)
+            rate = expected_tokens(acceptance, k) / self.costs.round_cost(k, self.hit_probability(k))
             if rate > best_rate * 1.0001:
                 best_k, best_rate = k, rate
         if best_k == 0:
