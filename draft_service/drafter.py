@@ -46,6 +46,7 @@ class ProposeCall:
     round_index: int
     cache_namespace: str = ""      # prefix-cache tenant ("" = shared)
     prompt_len: int = 0            # how many of `context` are the prompt (for the request's penalties)
+    guess_next: bool = False       # pre-draft: append the draft's own next token, then draft K after it
     enqueued: float = 0.0
     trace_context: object = None   # the OpenTelemetry Context of the RPC that queued it
 
@@ -77,18 +78,20 @@ class Drafter(BatchedEngine):
 
     # ---- API (any thread) ---------------------------------------------------------------------------------
     def submit(self, request_id: str, context: list[int], k: int, params: SamplingParams,
-               round_index: int, cache_namespace: str = "", prompt_len: int = 0) -> Future:
+               round_index: int, cache_namespace: str = "", prompt_len: int = 0, guess_next: bool = False) -> Future:
         """Queue one proposal; the future resolves to a DraftResult. Bad input raises ValueError at once.
         `cache_namespace`: the prefix-cache tenant ("" = shared); `prompt_len`: how many of `context` are the
-        prompt (the penalties count the output after it)."""
-        self._validate(request_id, context, k, cache_namespace, prompt_len)
+        prompt (the penalties count the output after it); `guess_next`: a pre-draft (the draft appends its own
+        most likely next token to `context`, then drafts K; the proposal's guessed_token_id says which)."""
+        self._validate(request_id, context, k, cache_namespace, prompt_len, guess_next)
         return self._worker.submit(ProposeCall(request_id, list(context), k, params, round_index, cache_namespace,
-                                               prompt_len, time.perf_counter(), current_context()))
+                                               prompt_len, guess_next, time.perf_counter(), current_context()))
 
     def propose(self, request_id: str, context: list[int], k: int, params: SamplingParams,
                 round_index: int, timeout: float | None = None, cache_namespace: str = "",
-                prompt_len: int = 0) -> DraftResult:
-        return self.submit(request_id, context, k, params, round_index, cache_namespace, prompt_len).result(timeout)
+                prompt_len: int = 0, guess_next: bool = False) -> DraftResult:
+        return self.submit(request_id, context, k, params, round_index, cache_namespace, prompt_len,
+                           guess_next).result(timeout)
 
     @property
     def cached_sequences(self) -> int:
@@ -104,7 +107,7 @@ class Drafter(BatchedEngine):
         start = time.perf_counter()
         seqs = [self._sequence_for(call.request_id, call.cache_namespace) for call in calls]
         requests = [ProposeInput(seq, call.context, call.k, call.params, call.round_index, call.cache_namespace,
-                                 call.prompt_len) for seq, call in zip(seqs, calls)]
+                                 call.prompt_len, call.guess_next) for seq, call in zip(seqs, calls)]
         proposals: list[DraftProposal] = []
         later = set(seqs)
         for group in self._groups(requests):
@@ -128,7 +131,7 @@ class Drafter(BatchedEngine):
         groups: list[list[ProposeInput]] = []
         used = self.runner.allocator.num_blocks
         for r in requests:
-            need = self._blocks(len(r.context), r.k)
+            need = self._blocks(len(r.context) + r.guess_next, r.k)
             if used + need > self.runner.allocator.num_blocks:
                 groups.append([])
                 used = 0
@@ -153,7 +156,7 @@ class Drafter(BatchedEngine):
         bs, alloc = self.runner.config.block_size, self.runner.allocator
         group = {r.seq_id for r in requests}
         # What the group's sequences hold now is theirs to reuse (their rollback to the shared prefix frees the rest).
-        need = sum(self._blocks(len(r.context), r.k) - blocks_for(self.runner.num_tokens(r.seq_id), bs)
+        need = sum(self._blocks(len(r.context) + r.guess_next, r.k) - blocks_for(self.runner.num_tokens(r.seq_id), bs)
                    for r in requests)
         for rid, seq in list(self._seq_of.items()):
             if need <= alloc.num_free:
@@ -164,7 +167,8 @@ class Drafter(BatchedEngine):
                 del self._seq_of[rid]
             self.proposer.release(seq)
 
-    def _validate(self, request_id: str, context: list[int], k: int, cache_namespace: str, prompt_len: int) -> None:
+    def _validate(self, request_id: str, context: list[int], k: int, cache_namespace: str, prompt_len: int,
+                  guess_next: bool = False) -> None:
         check_cache_namespace("cache_namespace", cache_namespace)
         check_prompt_len("prompt_len", prompt_len, len(context), "len(context_token_ids)")
         if request_id:                  # empty: an anonymous call, drafted without a soft-cache entry to reuse
@@ -172,8 +176,9 @@ class Drafter(BatchedEngine):
         check_token_ids("context_token_ids", context, self.vocab_size)
         if not 1 <= k <= self.k_max:
             raise ValueError(f"k={k}: must be in [1, {self.k_max}]")
-        check_fits_context("context_token_ids", len(context), k, self.max_model_len)
-        need, total = self._blocks(len(context), k), self.runner.allocator.num_blocks
+        # A pre-draft's context grows by its guessed token before the K drafts.
+        check_fits_context("context_token_ids", len(context) + guess_next, k, self.max_model_len)
+        need, total = self._blocks(len(context) + guess_next, k), self.runner.allocator.num_blocks
         if need > total:
             raise KVCacheExhaustedError(
                 f"context_token_ids: {len(context)} tokens + K={k} need {need} KV blocks of "

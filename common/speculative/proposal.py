@@ -43,6 +43,7 @@ class DraftProposal:
     token_ids: list[int] = field(default_factory=list)
     dists: list[SparseDistribution] | None = None
     cached_tokens: int = 0         # context tokens the proposer's KV already held (not recomputed)
+    guessed_token_id: int | None = None    # pre-drafts: the token appended to the context before drafting
 
     @property
     def k(self) -> int:

@@ -21,6 +21,7 @@ class ProposeInput:
     round_index: int = 0
     cache_namespace: str = ""      # prefix-cache tenant of the sequence ("" = shared)
     prompt_len: int = 0            # how many of `context` are the prompt (penalties count the output after it)
+    guess_next: bool = False       # pre-draft: append the proposer's own most likely next token first, then draft
 
 
 class Proposer(Protocol):

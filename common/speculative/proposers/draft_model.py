@@ -6,8 +6,14 @@ message from the verifier. Sampled rounds draw from q′: the request's temperat
 support further capped at `max_support` tokens so q′ travels sparsely; any q′ keeps the sampler exact. The
 request's penalties apply as on the target (the same function), over the context and the tokens drafted so far,
 which keeps the draft close to the penalised target; q′ is what it samples from.
+
+A pre-draft (`guess_next`) first appends the draft's most likely next token (the penalised argmax: the token the
+target most likely emits, whatever the temperature) and then drafts as a round from that longer context would,
+with the same random streams, so a pre-drafted proposal is the one the round would have drawn.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -41,7 +47,11 @@ class DraftModelProposer:
     def propose(self, requests: list[ProposeInput]) -> list[DraftProposal]:
         if not requests:
             return []
-        proposals = [DraftProposal([], None if r.params.greedy else []) for r in requests]
+        guesses = self._guess([r for r in requests if r.guess_next])
+        requests = [dataclasses.replace(r, context=[*r.context, guesses[r.seq_id]], guess_next=False)
+                    if r.guess_next else r for r in requests]
+        proposals = [DraftProposal([], None if r.params.greedy else [], guessed_token_id=guesses.get(r.seq_id))
+                     for r in requests]
         chunks = []
         for r, proposal in zip(requests, proposals):
             proposal.cached_tokens = self._sync(r.seq_id, r.context)
@@ -69,6 +79,24 @@ class DraftModelProposer:
             active = still
             step += 1
         return proposals
+
+    def _guess(self, requests: list[ProposeInput]) -> dict[int, int]:
+        """Each sequence's most likely next token after its context (one batched pass; the KV then holds it)."""
+        if not requests:
+            return {}
+        chunks = [SequenceChunk(r.seq_id, r.context[self._sync(r.seq_id, r.context):],
+                                cache_namespace=r.cache_namespace) for r in requests]
+        try:
+            logits = self.runner.forward(chunks).logits              # one [n, vocab] per request
+        except Exception:
+            for r in requests:
+                self.release(r.seq_id)
+            raise
+        guesses = {}
+        for r, row in zip(requests, logits):
+            history = TokenHistory(r.context, r.prompt_len) if r.params.penalized else None
+            guesses[r.seq_id] = int(penalized_logits(row[-1:], r.params, history, []).argmax())
+        return guesses
 
     def _sync(self, seq_id: int, context: list[int]) -> int:
         """Roll the draft KV back to its longest prefix shared with `context`; return how many tokens it kept."""

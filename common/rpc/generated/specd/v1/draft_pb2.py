@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from common.rpc.generated.specd.v1 import common_pb2 as specd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14specd/v1/draft.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\xb2\x01\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\r\n\x05round\x18\x05 \x01(\r\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x06 \x01(\t\x12\x12\n\nprompt_len\x18\x07 \x01(\r\"\x9f\x01\n\x0cProposeReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x05\x64ists\x18\x02 \x03(\x0b\x32\x1c.specd.v1.SparseDistribution\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x32\x7f\n\x0c\x44raftService\x12;\n\x07Propose\x12\x18.specd.v1.ProposeRequest\x1a\x16.specd.v1.ProposeReply\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14specd/v1/draft.proto\x12\x08specd.v1\x1a\x15specd/v1/common.proto\"\xc6\x01\n\x0eProposeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\x05\x12\t\n\x01k\x18\x03 \x01(\x05\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.specd.v1.SamplingParams\x12\r\n\x05round\x18\x05 \x01(\r\x12\x17\n\x0f\x63\x61\x63he_namespace\x18\x06 \x01(\t\x12\x12\n\nprompt_len\x18\x07 \x01(\r\x12\x12\n\nguess_next\x18\x08 \x01(\x08\"\xd3\x01\n\x0cProposeReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x05\x64ists\x18\x02 \x03(\x0b\x32\x1c.specd.v1.SparseDistribution\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x12\n\ncompute_ms\x18\x04 \x01(\x02\x12\x10\n\x08queue_ms\x18\x05 \x01(\x02\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x1d\n\x10guessed_token_id\x18\x07 \x01(\x05H\x00\x88\x01\x01\x42\x13\n\x11_guessed_token_id2\x7f\n\x0c\x44raftService\x12;\n\x07Propose\x12\x18.specd.v1.ProposeRequest\x1a\x16.specd.v1.ProposeReply\x12\x32\n\x04Info\x12\x15.specd.v1.InfoRequest\x1a\x13.specd.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specd.v1.draft_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROPOSEREQUEST']._serialized_start=58
-  _globals['_PROPOSEREQUEST']._serialized_end=236
-  _globals['_PROPOSEREPLY']._serialized_start=239
-  _globals['_PROPOSEREPLY']._serialized_end=398
-  _globals['_DRAFTSERVICE']._serialized_start=400
-  _globals['_DRAFTSERVICE']._serialized_end=527
+  _globals['_PROPOSEREQUEST']._serialized_end=256
+  _globals['_PROPOSEREPLY']._serialized_start=259
+  _globals['_PROPOSEREPLY']._serialized_end=470
+  _globals['_DRAFTSERVICE']._serialized_start=472
+  _globals['_DRAFTSERVICE']._serialized_end=599
 # @@protoc_insertion_point(module_scope)
