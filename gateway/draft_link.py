@@ -28,6 +28,7 @@ class DraftLink:
         self.k_max: int | None = None             # from the draft's Info, once checked
         self.max_model_len: int | None = None
         self._checked = False
+        self.pre_draft_ok = True                  # False once a reply showed the draft predates pre-drafting (v1.2)
 
     def available(self) -> bool:
         """Not in the pause that follows a failure."""
@@ -50,11 +51,19 @@ class DraftLink:
             return False
         self.k_max, self.max_model_len = info.k_max, info.max_model_len
         self._checked = True
+        self.pre_draft_ok = True                  # whatever answers now may be a newer replica
         return True
 
     def k_limit(self, context_len: int) -> int:
         """The largest K the draft accepts for a context of `context_len` tokens (after `ready()`)."""
         return max(0, min(self.k_max, self.max_model_len - context_len))
+
+    def no_pre_draft(self) -> None:
+        """A pre-draft reply came without its guessed token: that draft predates v1.2; stop asking it to pre-draft."""
+        if self.pre_draft_ok:
+            log.warning("draft service ignores guess_next (it predates specd.v1.2): pre-drafting off until it is "
+                        "reconnected")
+        self.pre_draft_ok = False
 
     def failed(self, err: grpc.aio.AioRpcError) -> None:
         self._pause(f"{err.code().name}: {err.details()}", logging.WARNING)

@@ -29,6 +29,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with the shared tokenizer (default: the fetched target model)")
     p.add_argument("--k", default=env_default("k", "auto"), help="speculative tokens per round: N or 'auto'")
     p.add_argument("--k-max", type=int, default=env_default("k_max", 8))
+    p.add_argument("--pre-draft", choices=("on", "off"), default=env_default("pre_draft", "on"),
+                   help="draft round r+1 while round r is verified, for the outcome 'all drafts accepted, bonus "
+                        "token = the draft's guess' (a hit hides the next draft call; exactness is unchanged)")
+    p.add_argument("--k-cost-model", choices=("network", "per-step"), default=env_default("k_cost_model", "network"),
+                   help="adaptive K's cost model: 'network' keeps each call's fixed cost (round trip, "
+                        "serialization) apart from per-step compute; 'per-step' is the older model that divides "
+                        "a draft call's whole time by its steps (kept for comparison)")
     p.add_argument("--draft-timeout-s", type=float, default=env_default("draft_timeout_s", 5.0))
     p.add_argument("--verify-timeout-s", type=float, default=env_default("verify_timeout_s", 120.0))
     p.add_argument("--startup-timeout-s", type=float, default=env_default("startup_timeout_s", 600.0),
@@ -223,9 +230,10 @@ async def serve(args) -> None:
                     f"draft tokenizer fingerprint {d_info.vocab_fingerprint} differs from the verifier's "
                     f"{v_info.vocab_fingerprint}: refusing to serve")
     eos = frozenset(stop_token_ids(tokenizer, tuple(v_info.eos_token_ids)))
-    rounds = RoundRunner(verifier, draft, eos, v_info.max_model_len, settings, CostModel(),
+    rounds = RoundRunner(verifier, draft, eos, v_info.max_model_len, settings,
+                         CostModel(fixed_call_costs=args.k_cost_model == "network"),
                          stop_check=stop_string_checker(tokenizer), fingerprint=v_info.vocab_fingerprint,
-                         verifier_k_max=v_info.k_max)
+                         verifier_k_max=v_info.k_max, pre_draft=args.pre_draft == "on")
     report = report_cached_tokens(args, bool(auth))
     generator = Generator(rounds, tokenizer, k, args.k_max, v_info.vocab_size,
                           tenant_prefix_cache=not args.shared_prefix_cache)
@@ -235,7 +243,8 @@ async def serve(args) -> None:
         log.info("gateway: prefix cache %s; cached-token counts %s",
                  "shared by all API keys" if args.shared_prefix_cache else "one namespace per API key",
                  "reported" if report else "not reported (0)")
-    log.info("gateway: verifier %s (%s), draft %s, K=%s", args.verifier, v_info.model_id, args.draft or "none", k)
+    log.info("gateway: verifier %s (%s), draft %s, K=%s, pre-draft %s, K cost model %s", args.verifier,
+             v_info.model_id, args.draft or "none", k, args.pre_draft, args.k_cost_model)
     door = None
     if args.http_port:
         from gateway.openai_api.server import HttpDoor

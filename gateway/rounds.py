@@ -3,7 +3,8 @@
 Same decisions as the in-process decoder (common/speculative/request.py): K from the adaptive controller, stop
 conditions, stats. What is specific to services: a draft that fails or misses its deadline turns the round
 into plain decoding (K = 0) and is retried after a pause; a verifier that lost the session (NOT_FOUND, or a
-round mismatch) is re-prefilled from the gateway's own token history under the same round counter.
+round mismatch) is re-prefilled from the gateway's own token history under the same round counter. With
+`pre_draft`, the next round's proposal is asked for while this round is verified (gateway/pre_draft.py).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from common.speculative.outcome import VerifyOutcome
 from common.speculative.request import Request, StopCheck, StopConditions, observe_pass_costs
 from common.telemetry import metrics
 from gateway.draft_link import DraftLink
+from gateway.pre_draft import PreDraft, discard
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -53,9 +55,10 @@ def session_lost(err: grpc.aio.AioRpcError) -> bool:
 class RoundRunner:
     def __init__(self, verifier, draft, eos: frozenset[int], max_model_len: int, settings: RoundSettings,
                  costs: CostModel, stop_check: StopCheck | None = None, *, fingerprint: str = "",
-                 verifier_k_max: int | None = None):
+                 verifier_k_max: int | None = None, pre_draft: bool = False):
         """`verifier`/`draft`: grpc.aio stubs (draft None: no speculation); `max_model_len`, `fingerprint` and
-        `verifier_k_max`: from the verifier's Info (the draft's own Info is checked by its DraftLink)."""
+        `verifier_k_max`: from the verifier's Info (the draft's own Info is checked by its DraftLink).
+        `pre_draft`: draft round r + 1 while round r is verified."""
         self.verifier = verifier                 # VerifierServiceStub (grpc.aio)
         self.draft = draft                       # DraftServiceStub (grpc.aio) or None
         self.max_model_len = max_model_len
@@ -64,6 +67,8 @@ class RoundRunner:
         self.settings = settings
         self.costs = costs
         self.draft_link = DraftLink(draft, fingerprint, settings.draft_retry_s) if draft is not None else None
+        self.pre_draft = pre_draft and draft is not None
+        costs.pre_draft = self.pre_draft
 
     async def run(self, r: Request, request_id: str | None = None,
                   cache_namespace: str = "") -> AsyncIterator[list[int]]:
@@ -72,6 +77,7 @@ class RoundRunner:
         request_id = request_id or uuid.uuid4().hex
         session = f"{request_id}-0"
         sampling = sampling_to_pb(r.params)
+        pre: PreDraft | None = None              # round r + 1's proposal, asked for while round r is verified
         try:
             while not r.finished:
                 # The span ends before the yield: a suspended generator must not leave its context attached.
@@ -79,56 +85,122 @@ class RoundRunner:
                     t, index = time.perf_counter(), r.stats.rounds
                     can_draft = self.draft_link is not None and await self.draft_link.ready()
                     draft_down = self.draft_link is not None and not can_draft
-                    k = r.choose_k(self.max_model_len, can_draft, k_limit=self._k_limit(r) if can_draft else None)
-                    draft, draft_s = (await self._propose(r, request_id, k, sampling, cache_namespace) if k
-                                      else (None, None))
+                    draft, draft_s, draft_compute_s, pre_drafted = None, None, None, pre is not None
+                    if pre is not None:
+                        draft, guess = await pre.take(r.context, index)
+                        if guess is not None and r.controller is not None:
+                            r.controller.observe_guess(guess == r.context[-1])
+                        pre = None
+                    if draft is not None and can_draft:
+                        k = len(draft.token_ids)             # chosen, within the limits, when it was asked for
+                    else:
+                        draft = None
+                        k = r.choose_k(self.max_model_len, can_draft,
+                                       k_limit=self._k_limit(r) if can_draft else None)
+                        if k:
+                            draft, draft_s, draft_compute_s = await self._propose(r, request_id, k, sampling,
+                                                                                  cache_namespace)
                     fallback = draft_down or (k > 0 and draft is None)
                     r.stats.fallback_rounds += fallback
-                    reply, session, verify_s = await self._verify(r, request_id, session, draft, sampling,
-                                                                  cache_namespace)
+                    verify = asyncio.ensure_future(self._verify(r, request_id, session, draft, sampling,
+                                                                cache_namespace))
+                    if draft is not None:
+                        pre = self._start_pre_draft(r, request_id, draft, sampling, cache_namespace)
+                    try:
+                        reply, session, verify_s = await verify
+                    finally:
+                        verify.cancel()                      # a no-op once done; a cancelled round stops it
                     outcome = VerifyOutcome(list(reply.accepted_token_ids), reply.next_token_id,
                                             len(draft.token_ids) if draft is not None else 0,
                                             logprobs_from_pb(reply.logprobs) if r.params.logprobs is not None
                                             else None)
+                    if pre is not None and outcome.num_accepted < outcome.num_drafted:
+                        pre.cancel("miss")                   # a draft was corrected: known without waiting
+                        pre = None
                     observe_pass_costs(self.costs, [r], draft_steps=k, draft_s=draft_s,
-                                       verify_tokens=outcome.num_drafted + 1, verify_s=verify_s)
+                                       verify_tokens=outcome.num_drafted + 1, verify_s=verify_s,
+                                       draft_compute_s=draft_compute_s, verify_compute_s=reply.compute_ms / 1000)
+                    metrics.observe_costs(self.costs)
                     appended = r.apply(outcome, self.stop)
+                    if r.finished and pre is not None:
+                        pre.cancel(None)                     # the request ended: nothing to pre-draft for
+                        pre = None
                     metrics.record_round(k, outcome.num_drafted, outcome.num_accepted, len(appended),
                                          time.perf_counter() - t, fallback)
                     if span.is_recording():
                         span.set_attributes({"specd.round": index, "specd.k": outcome.num_drafted,
                                              "specd.k_chosen": k, "specd.accepted": outcome.num_accepted,
-                                             "specd.fallback": fallback, "specd.session": session})
+                                             "specd.fallback": fallback, "specd.session": session,
+                                             "specd.pre_draft": ("hit" if draft is not None and draft_s is None
+                                                                 else "miss" if pre_drafted else "none")})
                 yield appended
         finally:
+            await discard(pre)
             await self._release(session)
+
+    def _start_pre_draft(self, r: Request, request_id: str, draft: draft_pb2.ProposeReply, sampling,
+                         cache_namespace: str) -> PreDraft | None:
+        """Ask for round r + 1's proposal now, for the outcome "every draft of `draft` accepted, the bonus token
+        the draft's own guess"; None when pre-drafting is off, does not pay (the K controller's estimate), or the
+        next round has no room for drafts."""
+        if not (self.pre_draft and self.draft_link.pre_draft_ok):
+            return None
+        k = len(draft.token_ids)
+        base = r.context + list(draft.token_ids)
+        after = len(base) + 1                                    # + the guessed bonus token
+        limit = min(self.draft_link.k_limit(after), self.max_model_len - after,
+                    r.params.max_tokens - (len(r.output_ids) + k + 1) - 1)
+        if self.verifier_k_max is not None:
+            limit = min(limit, self.verifier_k_max)
+        k_next = min(k, limit)
+        if k_next <= 0 or (r.controller is not None and not r.controller.should_pre_draft(k)):
+            return None
+        task = asyncio.ensure_future(self._propose(r, request_id, k_next, sampling, cache_namespace,
+                                                   context=base, round_index=r.stats.rounds + 1, guess_next=True))
+        return PreDraft(base, r.stats.rounds + 1, k_next, task)
 
     def _k_limit(self, r: Request) -> int:
         """What the services accept: the draft's K and context limits, and the verifier's K limit."""
         limit = self.draft_link.k_limit(r.num_tokens)
         return limit if self.verifier_k_max is None else min(limit, self.verifier_k_max)
 
-    async def _propose(self, r: Request, request_id: str, k: int, sampling,
-                       cache_namespace: str = "") -> tuple[draft_pb2.ProposeReply | None, float | None]:
-        """The draft's reply, kept as it came (its q′ is forwarded to the verifier unread), and the call's
-        seconds; (None, None) when the draft failed or missed its deadline: the round becomes plain decoding."""
-        req = draft_pb2.ProposeRequest(request_id=request_id, context_token_ids=r.context, k=k, sampling=sampling,
-                                       round=r.stats.rounds, cache_namespace=cache_namespace,
-                                       prompt_len=len(r.prompt_ids))
+    async def _propose(self, r: Request, request_id: str, k: int, sampling, cache_namespace: str = "", *,
+                       context: list[int] | None = None, round_index: int | None = None, guess_next: bool = False
+                       ) -> tuple[draft_pb2.ProposeReply | None, float | None, float | None]:
+        """The draft's reply, kept as it came (its q′ is forwarded to the verifier unread), the call's seconds and
+        the compute the draft reports; (None, None, None) when the draft failed or missed its deadline: the round
+        becomes plain decoding. `context`/`round_index`/`guess_next`: a pre-draft for the next round (its failure
+        only costs speed: the round then drafts afresh, and that call's failure is the one that counts)."""
+        req = draft_pb2.ProposeRequest(request_id=request_id, context_token_ids=r.context if context is None
+                                       else context, k=k, sampling=sampling,
+                                       round=r.stats.rounds if round_index is None else round_index,
+                                       cache_namespace=cache_namespace, prompt_len=len(r.prompt_ids),
+                                       guess_next=guess_next)
         t = time.perf_counter()
         try:
             reply = await self.draft.Propose(req, timeout=self.settings.draft_timeout_s)
         except grpc.aio.AioRpcError as e:
+            if guess_next:
+                log.log(logging.ERROR if e.code() is grpc.StatusCode.INVALID_ARGUMENT else logging.DEBUG,
+                        "pre-draft failed (%s: %s); the round drafts afresh", e.code().name, e.details())
+                return None, None, None
             if e.code() is grpc.StatusCode.INVALID_ARGUMENT:
                 raise                                           # our own bug or bad input: do not hide it
             if reason_of(e) != KVCacheExhaustedError.reason:    # this request's context alone not fitting the
                 self.draft_link.failed(e)                       # draft now pauses nobody else's drafting
-            return None, None
+            return None, None, None
         dt = time.perf_counter() - t
-        metrics.DRAFT_LATENCY.observe(dt)
-        r.stats.add_rpc(draft=True, wall_s=dt, compute_ms=reply.compute_ms, queue_ms=reply.queue_ms,
-                        wire_bytes=req.ByteSize() + reply.ByteSize())
-        return reply, dt
+        if guess_next and not reply.HasField("guessed_token_id"):
+            self.draft_link.no_pre_draft()                      # a draft that predates v1.2
+            return None, None, None
+        network = dt - (reply.compute_ms + reply.queue_ms) / 1000
+        metrics.RPC_NETWORK.labels("draft").observe(max(0.0, network))
+        if not guess_next:
+            metrics.DRAFT_LATENCY.observe(dt)
+        # A pre-draft's wall time overlapped the verify call: the round did not wait for it.
+        r.stats.add_rpc(draft=True, wall_s=0.0 if guess_next else dt, compute_ms=reply.compute_ms,
+                        queue_ms=0.0 if guess_next else reply.queue_ms, wire_bytes=req.ByteSize() + reply.ByteSize())
+        return reply, dt, reply.compute_ms / 1000
 
     async def _verify(self, r: Request, request_id: str, session: str, draft: draft_pb2.ProposeReply | None,
                       sampling, cache_namespace: str = "") -> tuple[verifier_pb2.VerifyReply, str, float]:
@@ -154,6 +226,7 @@ class RoundRunner:
                 raise
             dt = time.perf_counter() - t
             metrics.VERIFY_LATENCY.observe(dt)
+            metrics.RPC_NETWORK.labels("verifier").observe(max(0.0, dt - (reply.compute_ms + reply.queue_ms) / 1000))
             s = r.stats
             s.add_rpc(draft=False, wall_s=dt, compute_ms=reply.compute_ms, queue_ms=reply.queue_ms,
                       wire_bytes=req.ByteSize() + reply.ByteSize())

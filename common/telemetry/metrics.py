@@ -59,6 +59,15 @@ DRAFT_LATENCY = Histogram("specd_draft_latency_seconds", "Propose round trip see
                           buckets=_LATENCY_BUCKETS)
 VERIFY_LATENCY = Histogram("specd_verify_latency_seconds", "Verify round trip seen by the gateway",
                            buckets=_LATENCY_BUCKETS)
+RPC_NETWORK = Histogram("specd_rpc_network_seconds", "A gateway call's time beyond what the service reports "
+                        "computing and queueing: round trip + serialization, measured on every call", ["service"],
+                        buckets=_LATENCY_BUCKETS)
+COST_MODEL = Gauge("specd_cost_model_seconds", "The K controller's cost model: draft_call / verify_call (fixed cost "
+                   "per call: round trip, serialization, queue), draft_step, verify_base (1-token pass), "
+                   "verify_per_token", ["part"])
+PRE_DRAFTS = Counter("specd_pre_drafts", "Next-round proposals drafted while a round was verified, by outcome: "
+                     "hit (used as the next round's proposal), miss (the verifier corrected a draft, or the bonus "
+                     "token was not the guess), failed (the call failed; the round drafted afresh)", ["outcome"])
 ROUND_LATENCY = Histogram("specd_round_latency_seconds", "One draft→verify round seen by the gateway",
                           buckets=_LATENCY_BUCKETS)
 
@@ -157,6 +166,14 @@ def record_round(k_chosen: int, drafted: int, accepted: int, emitted: int, secon
             DRAFTED_PER_POSITION.labels(position).inc()
             if i < accepted:
                 SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS.labels(position).inc()
+
+
+def observe_costs(costs) -> None:
+    """The gateway's shared CostModel, after each round's observations."""
+    for part, value in (("draft_call", costs.draft_call), ("draft_step", costs.t_draft),
+                        ("verify_call", costs.verify_call), ("verify_base", costs.t_verify_base),
+                        ("verify_per_token", costs.t_verify_per_token)):
+        COST_MODEL.labels(part).set(value)
 
 
 def observe_request_latency(ttft_s: float | None, e2e_s: float) -> None:

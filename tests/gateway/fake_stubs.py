@@ -103,11 +103,16 @@ class FakeVerifier:
 
 class FakeDraft:
     """Proposes K tokens by `rule`, except at absolute positions where `miss(position)` is true (there it proposes
-    a wrong token); sampled requests get a two-token q′ per position. `faults`: {call index: code to raise}."""
+    a wrong token); sampled requests get a two-token q′ per position. `faults`: {call index: code to raise}.
+    Pre-drafts (guess_next) append the rule's next token as the guess, except where `wrong_guess(position)`;
+    `pre_draft_faults`: codes raised by pre-draft calls (the i-th pre-draft call raises the i-th, None = answers);
+    `v1_1`: ignores guess_next, as a draft that predates it."""
 
     def __init__(self, miss=lambda position: False, faults=None, fingerprint=FINGERPRINT, k_max=8,
-                 max_model_len=4096, info_faults=()):
+                 max_model_len=4096, info_faults=(), wrong_guess=lambda position: False, pre_draft_faults=(),
+                 v1_1=False):
         self.miss, self.faults = miss, dict(faults or {})
+        self.wrong_guess, self.pre_draft_faults, self.v1_1 = wrong_guess, list(pre_draft_faults), v1_1
         self.info = common_pb2.ModelInfo(vocab_fingerprint=fingerprint, k_max=k_max, max_model_len=max_model_len)
         self.info_faults = set(info_faults)                  # Info call indices that fail UNAVAILABLE
         self.info_calls = 0
@@ -127,13 +132,20 @@ class FakeDraft:
         self.timeouts.add(timeout)
         if call in self.faults:
             raise rpc_error(self.faults[call])
-        tokens, last = [], req.context_token_ids[-1]
+        context, guess = list(req.context_token_ids), None
+        if req.guess_next and not self.v1_1:
+            if self.pre_draft_faults and (fault := self.pre_draft_faults.pop(0)) is not None:
+                raise rpc_error(fault)
+            guess = rule(context[-1]) if not self.wrong_guess(len(context)) else (rule(context[-1]) + 5) % VOCAB
+            context.append(guess)
+        tokens, last = [], context[-1]
         for i in range(req.k):
-            t = rule(last) if not self.miss(len(req.context_token_ids) + i) else (rule(last) + 7) % VOCAB
+            t = rule(last) if not self.miss(len(context) + i) else (rule(last) + 7) % VOCAB
             tokens.append(t)
             last = t
         dists = [common_pb2.SparseDistribution(token_ids=[t, (t + 3) % VOCAB], probs=[0.625, 0.375])
                  for t in tokens] if req.sampling.temperature > 0 else []
-        reply = draft_pb2.ProposeReply(token_ids=tokens, dists=dists, compute_ms=1.0, queue_ms=0.25, batch_size=1)
+        reply = draft_pb2.ProposeReply(token_ids=tokens, dists=dists, compute_ms=1.0, queue_ms=0.25, batch_size=1,
+                                       guessed_token_id=guess)
         self.answered.append((req, reply))
         return reply

@@ -19,9 +19,10 @@ SETTINGS = RoundSettings(draft_timeout_s=0.25, verify_timeout_s=0.5, draft_retry
 Code = grpc.StatusCode
 
 
-def runner(verifier, draft, eos=(), costs=None, max_model_len=256, verifier_k_max=None) -> RoundRunner:
+def runner(verifier, draft, eos=(), costs=None, max_model_len=256, verifier_k_max=None,
+           pre_draft=False) -> RoundRunner:
     return RoundRunner(verifier, draft, frozenset(eos), max_model_len, SETTINGS, costs or CostModel(),
-                       fingerprint=FINGERPRINT, verifier_k_max=verifier_k_max)
+                       fingerprint=FINGERPRINT, verifier_k_max=verifier_k_max, pre_draft=pre_draft)
 
 
 def request(max_tokens=12, k=3, prompt=PROMPT, **sampling) -> Request:
@@ -64,10 +65,10 @@ class CostSpy(CostModel):
         super().__init__()
         self.drafts, self.verifies = [], []
 
-    def observe_draft(self, steps, seconds):
+    def observe_draft(self, steps, seconds, compute_s=None):
         self.drafts.append(steps)
-        super().observe_draft(steps, seconds)
+        super().observe_draft(steps, seconds, compute_s)
 
-    def observe_verify(self, num_tokens, seconds):
+    def observe_verify(self, num_tokens, seconds, compute_s=None):
         self.verifies.append(num_tokens)
-        super().observe_verify(num_tokens, seconds)
+        super().observe_verify(num_tokens, seconds, compute_s)
