@@ -131,16 +131,18 @@ class LocalTopology:
         self.wait_serving(f"127.0.0.1:{self.gateway_port}", "gateway", timeout_s)
 
     def start_gateway(self, name: str = "gateway", port: int | None = None, http_port: int | None = None,
-                      extra_args: tuple[str, ...] = ()) -> None:
+                      extra_args: tuple[str, ...] = (), upstream: tuple[str, str] | None = None) -> None:
         """The gateway; under another `name` (with its own ports, `service_env` and `extra_args`) a second one in
-        front of the same draft and verifier."""
+        front of the same draft and verifier. `upstream`: the (verifier, draft) addresses it dials instead of the
+        topology's own (e.g. a delay proxy in front of them)."""
         port = self.gateway_port if port is None else port
+        verifier, draft = upstream or (f"127.0.0.1:{self.verifier_port}",
+                                       f"127.0.0.1:{self.draft_port}" if self.draft else "")
         http_port = self.http_port if http_port is None else http_port
         # The gateway's clients authenticate with API keys, not certificates: its own port is TLS, not mTLS.
         self._spawn(name, ["gateway", "--tokenizer", self.target, "--k", self.k,
                            "--port", str(port), "--http-port", str(http_port), *extra_args,
-                           "--verifier", f"127.0.0.1:{self.verifier_port}",
-                           "--draft", f"127.0.0.1:{self.draft_port}" if self.draft else "",
+                           "--verifier", verifier, "--draft", draft,
                            *self._tls_flags(mutual=False), *self._upstream_flags()])
 
     def start_verifier(self, name: str = "verifier") -> None:
