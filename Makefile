@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve soak system-deps clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan soak system-deps clean
 
 install: $(STAMP)
 
@@ -101,6 +101,13 @@ $(BENCH_STAMP):
 BENCH_SERVE_ARGS ?=
 bench-serve: install models $(BENCH_STAMP)
 	$(PY) -m bench.serve --aiperf $(BENCH_VENV)/bin/aiperf --plot-python $(BENCH_VENV)/bin/python $(BENCH_SERVE_ARGS)
+
+# Pre-drafting and the network-aware K over an emulated WAN (bench/wan.py; draft and verifier on a core each, a
+# delay proxy in front of both). The default is the issue's full matrix, hours on 2 cores; a reduced run:
+# make bench-wan BENCH_WAN_ARGS="--delays-ms 0 10 25 --temperatures 0 --batch 1 --prompts 3 --max-tokens 40"
+BENCH_WAN_ARGS ?=
+bench-wan: install models $(BENCH_STAMP)
+	$(PY) -m bench.wan --plot-python $(BENCH_VENV)/bin/python $(BENCH_WAN_ARGS)
 
 # Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
 SOAK_MINUTES ?= 20
