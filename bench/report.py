@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +100,13 @@ def bench_arguments(description: str | None, name: str, *, max_tokens: int = 128
         ap.add_argument("--prompts", type=int, default=prompts)
     ap.add_argument("--name", default=name, help="result file: bench/results/NAME.json")
     return ap
+
+
+def plot_with(plot_python: str | None, script: Path, out_json: Path) -> None:
+    """Run a plot script (matplotlib lives in the bench venv, not the project's) on a result: NAME.json -> NAME.png."""
+    if not plot_python:
+        print("no --plot-python: plot skipped")
+        return
+    png = out_json.with_suffix(".png")
+    proc = subprocess.run([plot_python, str(script), str(out_json), str(png)], capture_output=True, text=True)
+    print(f"wrote {png}" if proc.returncode == 0 else f"plot failed: {proc.stderr.strip()[-500:]}")

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.prompts import PROMPTS
-from bench.report import fetched_pair, goal, print_goals, print_table, write_result
+from bench.report import fetched_pair, goal, plot_with, print_goals, print_table, write_result
 from bench.serve_aiperf import aiperf_argv, run_aiperf, tokenizer_cache, write_dataset
 from bench.serve_grpc import ServeRequest, run_load, summarize
 
@@ -152,16 +152,6 @@ def run_grid(args, ctx: dict) -> list[dict]:
     return rows
 
 
-def plot(args, out_json: Path) -> None:
-    if not args.plot_python:
-        print("no --plot-python: plot skipped")
-        return
-    png = out_json.with_suffix(".png")
-    script = Path(__file__).with_name("serve_plot.py")
-    proc = subprocess.run([args.plot_python, str(script), str(out_json), str(png)], capture_output=True, text=True)
-    print(f"wrote {png}" if proc.returncode == 0 else f"plot failed: {proc.stderr.strip()[-500:]}")
-
-
 def parse_requests(spec: str) -> dict[int, int]:
     """"1:3,4:8,16:16" -> {1: 3, 4: 8, 16: 16}."""
     return {int(c): int(n) for c, n in (part.split(":") for part in spec.split(",") if part)}
@@ -234,7 +224,7 @@ def main(argv=None) -> int:
               "grpc_client": "bench/serve_grpc.py", "ignore_eos": True, "temperature": 0, "ratios": ratio_rows}
     out = write_result("serve", config, rows, goals, "cpu", args.name)
     print(f"wrote {out}")
-    plot(args, out)
+    plot_with(args.plot_python, Path(__file__).with_name("serve_plot.py"), out)
     return 0
 
 

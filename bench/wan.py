@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.prompts import PROMPTS
-from bench.report import bench_arguments, fetched_pair, goal, print_goals, print_table, write_result
+from bench.report import bench_arguments, fetched_pair, goal, plot_with, print_goals, print_table, write_result
 
 # system -> (gateway name, gateway flags, num_speculative_tokens)
 SYSTEMS = {
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
                                "temperatures": args.temperatures, "batch": args.batch, "systems": args.systems,
                                "cores": cores, "cpu_features": cpu_features()}, rows, goals, "cpu", args.name)
     print(f"wrote {out}")
-    plot(args, out)
+    plot_with(args.plot_python, Path(__file__).with_name("wan_plot.py"), out)
     return 0
 
 
@@ -224,16 +223,6 @@ def goals_of(rows: list[dict]) -> list[dict]:
             if value is not None:
                 goals.append(goal(name, value, target))
     return goals
-
-
-def plot(args, out_json: Path) -> None:
-    if not args.plot_python:
-        print("no --plot-python: plot skipped")
-        return
-    png = out_json.with_suffix(".png")
-    proc = subprocess.run([args.plot_python, str(Path(__file__).with_name("wan_plot.py")), str(out_json), str(png)],
-                          capture_output=True, text=True)
-    print(f"wrote {png}" if proc.returncode == 0 else f"plot failed: {proc.stderr.strip()[-500:]}")
 
 
 if __name__ == "__main__":
