@@ -92,6 +92,13 @@ class VerifierEngine(BatchedEngine):
         """New sessions waiting for KV blocks (read on any thread: a snapshot)."""
         return len(self.admission)
 
+    def load(self) -> dict[str, int]:
+        """How busy this replica is (any thread, a snapshot of counters; nothing waits behind the queue)."""
+        allocator = self.executor.allocator
+        return {"sessions": len(self.sessions), "waiting_sessions": self.waiting, "queue_depth": self.queue_depth,
+                "free_kv_blocks": allocator.num_free, "total_kv_blocks": allocator.num_blocks,
+                "max_sessions": self.sessions.max_sessions}
+
     def shutdown(self) -> None:
         self._worker.shutdown()
         for w in self.admission.take(lambda w: True):

@@ -86,7 +86,8 @@ async def serve(args) -> None:
     metrics.VERIFIER_SESSIONS.set_function(lambda: len(engine.sessions))
     metrics.VERIFIER_WAITING.set_function(lambda: engine.waiting)
     info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max)
-    verifier_pb2_grpc.add_VerifierServiceServicer_to_server(VerifierServicer(engine, info), host.server)
+    servicer = VerifierServicer(engine, info, draining=lambda: host.admission.draining)
+    verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, host.server)
     log.info("verifier loaded %s (tp=%d) in %.1fs", args.model, args.tp, time.perf_counter() - t0)
 
     async def warm_up():

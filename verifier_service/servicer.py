@@ -22,9 +22,11 @@ def _reply(r: VerifyResult) -> verifier_pb2.VerifyReply:
 
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
-    def __init__(self, engine: VerifierEngine, info: common_pb2.ModelInfo):
+    def __init__(self, engine: VerifierEngine, info: common_pb2.ModelInfo, draining=lambda: False):
+        """`draining()`: True while the service drains (the gateway then routes no new session here)."""
         self.engine = engine
         self.info = info
+        self.draining = draining
 
     async def Verify(self, request, context):
         """One round, or a (re-)prefill: a new session's Verify carries every committed token and maybe no drafts.
@@ -63,3 +65,6 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServiceServicer):
 
     async def Info(self, request, context):
         return self.info
+
+    async def Load(self, request, context):
+        return verifier_pb2.LoadReply(**self.engine.load(), draining=self.draining())

@@ -53,6 +53,11 @@ class VerifierServiceStub:
                 request_serializer=specd_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
                 response_deserializer=specd_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/specd.v1.VerifierService/Load',
+                request_serializer=specd_dot_v1_dot_verifier__pb2.LoadRequest.SerializeToString,
+                response_deserializer=specd_dot_v1_dot_verifier__pb2.LoadReply.FromString,
+                _registered_method=True)
 
 
 class VerifierServiceServicer:
@@ -86,6 +91,14 @@ class VerifierServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """Added in v1.3. How busy this replica is, for a gateway routing new sessions across replicas. Cheap: read
+        from counters, never behind the verify queue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +116,11 @@ def add_VerifierServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=specd_dot_v1_dot_common__pb2.InfoRequest.FromString,
                     response_serializer=specd_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=specd_dot_v1_dot_verifier__pb2.LoadRequest.FromString,
+                    response_serializer=specd_dot_v1_dot_verifier__pb2.LoadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,6 +207,33 @@ class VerifierService:
             '/specd.v1.VerifierService/Info',
             specd_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
             specd_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specd.v1.VerifierService/Load',
+            specd_dot_v1_dot_verifier__pb2.LoadRequest.SerializeToString,
+            specd_dot_v1_dot_verifier__pb2.LoadReply.FromString,
             options,
             channel_credentials,
             insecure,
