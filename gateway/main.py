@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -22,7 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keys (SPECD_HTTP_PORT; 0 = off)")
     p.add_argument("--served-model-name", default=env_default("served_model_name", None),
                    help="the model id the HTTP API answers to (default: the verifier's model folder name)")
-    p.add_argument("--verifier", default=env_default("verifier", "127.0.0.1:50053"), help="host:port")
+    p.add_argument("--verifier", default=env_default("verifier", "127.0.0.1:50053"),
+                   help="host:port[,host:port...]: the verifier replicas; each name is resolved to all its addresses "
+                        "(a headless Service's pods) and re-resolved every --verifier-refresh-s; each new session "
+                        "goes to the least-loaded healthy replica and stays there")
+    p.add_argument("--verifier-refresh-s", type=float, default=env_default("verifier_refresh_s", 5.0),
+                   help="how often the replicas are re-resolved and asked for their load")
     p.add_argument("--draft", default=env_default("draft", "127.0.0.1:50052"),
                    help="host:port of the draft service; empty = no speculation")
     p.add_argument("--tokenizer", default=env_default("tokenizer", None),
@@ -91,19 +97,26 @@ def upstream_tls_config(args):
                      server_name=args.upstream_tls_server_name)
 
 
-def _service_config(service: str) -> str:
-    # Transient UNAVAILABLE is retried by gRPC itself; Verify is idempotent per (session, round).
-    return json.dumps({"methodConfig": [{"name": [{"service": service}], "retryPolicy": {
+def _service_config(service: str, balanced: bool = False) -> str:
+    # Transient UNAVAILABLE is retried by gRPC itself; Verify is idempotent per (session, round). `balanced`: every
+    # call goes round robin over all resolved addresses that pass gRPC health checking (the draft pool).
+    config = {"methodConfig": [{"name": [{"service": service}], "retryPolicy": {
         "maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+        "retryableStatusCodes": ["UNAVAILABLE"]}}]}
+    if balanced:
+        config |= {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": service}}
+    return json.dumps(config)
 
 
-def channel(target: str, service: str, options, interceptors=None, tls=None) -> grpc.aio.Channel:
-    """A channel to an upstream service; `tls` (a TLSConfig) None = plaintext."""
+def channel(target: str, service: str, options, interceptors=None, tls=None, balanced: bool = False
+            ) -> grpc.aio.Channel:
+    """A channel to an upstream service; `tls` (a TLSConfig) None = plaintext; `balanced`: round robin over every
+    address of `target`, health-checked."""
     from common.rpc.tls import PLAINTEXT, aio_channel
     # Short reconnect backoff: a restarted replica is used again within seconds, not after gRPC's default
     # exponential backoff (up to 120 s).
-    return aio_channel(target, tls or PLAINTEXT, options=[*options, ("grpc.service_config", _service_config(service)),
+    return aio_channel(target, tls or PLAINTEXT, options=[*options, ("grpc.service_config",
+                                                                     _service_config(service, balanced)),
                                                           ("grpc.enable_retries", 1),
                                                           ("grpc.initial_reconnect_backoff_ms", 200),
                                                           ("grpc.min_reconnect_backoff_ms", 200),
@@ -113,8 +126,18 @@ def channel(target: str, service: str, options, interceptors=None, tls=None) -> 
 
 def check_args(args) -> None:
     """Everything about the flags that can be checked without loading anything (`specd gateway` runs it first)."""
+    from common.errors import ConfigError
     from gateway.auth import RateLimit, load_api_keys
+    from gateway.verifier_pool import split_targets
     upstream_tls_config(args)
+    try:
+        split_targets(args.verifier)
+        if args.draft:
+            draft_target(args.draft)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.verifier_refresh_s <= 0:
+        raise ConfigError(f"--verifier-refresh-s={args.verifier_refresh_s}: must be > 0")
     load_api_keys(args.api_keys_file)
     RateLimit(args.rate_limit_rps, args.rate_limit_burst)
     report_cached_tokens(args, False)
@@ -134,18 +157,45 @@ def report_cached_tokens(args, keys_configured: bool) -> bool:
     return value
 
 
-def verifier_ready(channel_: grpc.aio.Channel):
-    """An async check: is the verifier SERVING (its gRPC health service)? For the HTTP door's /health."""
+def verifier_ready(pool):
+    """An async check: is any verifier replica SERVING (its gRPC health service)? For the HTTP door's /health."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    stub = health_pb2_grpc.HealthStub(channel_)
 
-    async def ready() -> bool:
+    async def one(replica) -> bool:
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service="specd.v1.VerifierService"), timeout=2)
+            reply = await health_pb2_grpc.HealthStub(replica.channel).Check(
+                health_pb2.HealthCheckRequest(service="specd.v1.VerifierService"), timeout=2)
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def ready() -> bool:
+        replicas = [r for r in pool.replicas.values() if r.channel is not None and r.checked and not r.gone]
+        return any(await asyncio.gather(*(one(r) for r in replicas)))
     return ready
+
+
+def draft_target(spec: str) -> str:
+    """`--draft` as one gRPC target that balances over every replica: a name (dns:///, all its addresses, as a
+    headless Service's pods) or a list of IP:port (ipv4:/ipv6:); round_robin with health checking picks among them."""
+    import ipaddress
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    if len(targets) == 1:
+        host = targets[0].rpartition(":")[0].strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return f"dns:///{targets[0]}"
+        return targets[0]
+    hosts = [t.rpartition(":")[0].strip("[]") for t in targets]
+    try:
+        versions = {ipaddress.ip_address(h).version for h in hosts}
+    except ValueError:
+        raise ValueError(f"--draft {spec!r}: a list must be IP:port entries (or give one name that resolves to all "
+                         "replicas)") from None
+    if len(versions) > 1:
+        raise ValueError(f"--draft {spec!r}: mixes IPv4 and IPv6 addresses")
+    return f"ipv{versions.pop()}:{','.join(targets)}"
 
 
 def api_key_interceptors(args, tls) -> list:
@@ -163,6 +213,19 @@ def api_key_interceptors(args, tls) -> list:
     auth = ApiKeyAuth(keys, limit)
     log.info("gateway: %d API key(s) (ids %s), rate limit %s", len(keys), ", ".join(auth.key_ids), limit.describe())
     return [ApiKeyInterceptor(auth)]
+
+
+async def wait_for_replica(pool, what: str, timeout_s: float):
+    """Start the verifier pool and wait until one replica has answered Info; that replica's ModelInfo."""
+    deadline = time.monotonic() + timeout_s
+    await pool.start()
+    while pool.info is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: no replica answered within {timeout_s:.0f}s "
+                               f"({sorted(pool.replicas) or 'none resolved'})")
+        await asyncio.sleep(0.5)
+        await pool.refresh()
+    return pool.info
 
 
 async def wait_for_info(stub, what: str, timeout_s: float):
@@ -193,6 +256,7 @@ async def serve(args) -> None:
     from gateway.rounds import RoundRunner, RoundSettings
     from gateway.generation import Generator
     from gateway.servicer import GatewayServicer
+    from gateway.verifier_pool import VerifierPool, split_targets
 
     k = parse_num_speculative_tokens(args.k, args.k_max)
     settings = RoundSettings(draft_timeout_s=args.draft_timeout_s, verify_timeout_s=args.verify_timeout_s)
@@ -210,16 +274,23 @@ async def serve(args) -> None:
     # even parsed.
     host = ServiceHost(cfg, ["specd.v1.Gateway"], interceptors=[*auth, *server_interceptors(tracing)])
     metrics.start_metrics_server(args.metrics_port, args.host)
-    verifier_channel = channel(args.verifier, "specd.v1.VerifierService", cfg.channel_options(), traced, upstream_tls)
-    verifier = verifier_pb2_grpc.VerifierServiceStub(verifier_channel)
-    v_info = await wait_for_info(verifier, f"verifier at {args.verifier}", args.startup_timeout_s)
+    def connect(address: str, host: str):
+        # A resolved replica is dialled by IP: its certificate still names the host it was resolved from.
+        tls = upstream_tls
+        if tls is not None and not tls.insecure and not tls.server_name and address.rpartition(":")[0] != host:
+            tls = dataclasses.replace(tls, server_name=host)
+        ch = channel(address, "specd.v1.VerifierService", cfg.channel_options(), traced, tls)
+        return ch, verifier_pb2_grpc.VerifierServiceStub(ch)
+    verifiers = VerifierPool(split_targets(args.verifier), connect, fingerprint=fingerprint,
+                             refresh_s=args.verifier_refresh_s)
+    v_info = await wait_for_replica(verifiers, f"verifier at {args.verifier}", args.startup_timeout_s)
     if v_info.vocab_fingerprint != fingerprint:
         raise TokenizerMismatchError(f"verifier tokenizer fingerprint {v_info.vocab_fingerprint} differs from the "
                                      f"gateway's {fingerprint}: refusing to serve")
     draft = None
     if args.draft:
-        draft = draft_pb2_grpc.DraftServiceStub(channel(args.draft, "specd.v1.DraftService", cfg.channel_options(),
-                                                        traced, upstream_tls))
+        draft = draft_pb2_grpc.DraftServiceStub(channel(draft_target(args.draft), "specd.v1.DraftService",
+                                                        cfg.channel_options(), traced, upstream_tls, balanced=True))
         try:
             d_info = await wait_for_info(draft, f"draft at {args.draft}", min(args.startup_timeout_s, 60))
         except RuntimeError as e:
@@ -230,7 +301,7 @@ async def serve(args) -> None:
                     f"draft tokenizer fingerprint {d_info.vocab_fingerprint} differs from the verifier's "
                     f"{v_info.vocab_fingerprint}: refusing to serve")
     eos = frozenset(stop_token_ids(tokenizer, tuple(v_info.eos_token_ids)))
-    rounds = RoundRunner(verifier, draft, eos, v_info.max_model_len, settings,
+    rounds = RoundRunner(verifiers, draft, eos, v_info.max_model_len, settings,
                          CostModel(fixed_call_costs=args.k_cost_model == "network"),
                          stop_check=stop_string_checker(tokenizer), fingerprint=v_info.vocab_fingerprint,
                          verifier_k_max=v_info.k_max, pre_draft=args.pre_draft == "on")
@@ -243,13 +314,14 @@ async def serve(args) -> None:
         log.info("gateway: prefix cache %s; cached-token counts %s",
                  "shared by all API keys" if args.shared_prefix_cache else "one namespace per API key",
                  "reported" if report else "not reported (0)")
-    log.info("gateway: verifier %s (%s), draft %s, K=%s, pre-draft %s, K cost model %s", args.verifier,
-             v_info.model_id, args.draft or "none", k, args.pre_draft, args.k_cost_model)
+    log.info("gateway: verifier %s (%s; %d replica(s) serving), draft %s, K=%s, pre-draft %s, K cost model %s",
+             args.verifier, v_info.model_id, verifiers.healthy_count(), args.draft or "none", k, args.pre_draft,
+             args.k_cost_model)
     door = None
     if args.http_port:
         from gateway.openai_api.server import HttpDoor
         door = HttpDoor(generator, model=args.served_model_name or v_info.model_id, admission=host.admission,
-                        auth=auth[0].auth if auth else None, verifier_ready=verifier_ready(verifier_channel),
+                        auth=auth[0].auth if auth else None, verifier_ready=verifier_ready(verifiers),
                         report_cached_tokens=report, max_concurrent=cfg.max_concurrent_rpcs,
                         max_body_bytes=cfg.max_message_bytes)
 
@@ -262,6 +334,7 @@ async def serve(args) -> None:
     async def drained():
         if door is not None:
             await door.stop()
+        await verifiers.close()
         shutdown_tracing(tracing)
 
     await host.run(warm_up=open_http, on_drained=drained)

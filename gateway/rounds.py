@@ -3,8 +3,9 @@
 Same decisions as the in-process decoder (common/speculative/request.py): K from the adaptive controller, stop
 conditions, stats. What is specific to services: a draft that fails or misses its deadline turns the round
 into plain decoding (K = 0) and is retried after a pause; a verifier that lost the session (NOT_FOUND, or a
-round mismatch) is re-prefilled from the gateway's own token history under the same round counter. With
-`pre_draft`, the next round's proposal is asked for while this round is verified (gateway/pre_draft.py).
+round mismatch) is re-prefilled from the gateway's own token history under the same round counter; so is a session
+whose verifier replica failed, on another replica (gateway/verifier_pool.py). With `pre_draft`, the next round's
+proposal is asked for while this round is verified (gateway/pre_draft.py).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from common.speculative.request import Request, StopCheck, StopConditions, obser
 from common.telemetry import metrics
 from gateway.draft_link import DraftLink
 from gateway.pre_draft import PreDraft, discard
+from gateway.verifier_pool import NoReplicaError, Replica, VerifierPool, replica_lost
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -44,6 +46,14 @@ class RoundSettings:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
 
 
+@dataclass(slots=True)
+class SessionRoute:
+    """Where one request's verifier session lives: the replica it is pinned to and its session id there."""
+    replica: Replica
+    session: str
+    moves: int = 0
+
+
 def session_lost(err: grpc.aio.AioRpcError) -> bool:
     """The verifier no longer holds the session as the gateway knows it: gone (NOT_FOUND), or out of step (a round
     conflict). Only these re-prefill; any other FAILED_PRECONDITION is an error to report, not to paper over."""
@@ -56,10 +66,11 @@ class RoundRunner:
     def __init__(self, verifier, draft, eos: frozenset[int], max_model_len: int, settings: RoundSettings,
                  costs: CostModel, stop_check: StopCheck | None = None, *, fingerprint: str = "",
                  verifier_k_max: int | None = None, pre_draft: bool = False):
-        """`verifier`/`draft`: grpc.aio stubs (draft None: no speculation); `max_model_len`, `fingerprint` and
-        `verifier_k_max`: from the verifier's Info (the draft's own Info is checked by its DraftLink).
+        """`verifier`: a VerifierPool, or one grpc.aio stub; `draft`: a grpc.aio stub (None: no speculation);
+        `max_model_len`, `fingerprint` and `verifier_k_max`: from the verifier's Info (the draft's own Info is
+        checked by its DraftLink).
         `pre_draft`: draft round r + 1 while round r is verified."""
-        self.verifier = verifier                 # VerifierServiceStub (grpc.aio)
+        self.verifiers = verifier if isinstance(verifier, VerifierPool) else VerifierPool.single(verifier)
         self.draft = draft                       # DraftServiceStub (grpc.aio) or None
         self.max_model_len = max_model_len
         self.verifier_k_max = verifier_k_max
@@ -75,7 +86,7 @@ class RoundRunner:
         """Run rounds until `r` finishes; yield the tokens each round appended. `cache_namespace`: the caller's
         prefix-cache tenant, sent to the draft and the verifier ("" = the shared namespace)."""
         request_id = request_id or uuid.uuid4().hex
-        session = f"{request_id}-0"
+        route = self._route(request_id)
         sampling = sampling_to_pb(r.params)
         pre: PreDraft | None = None              # round r + 1's proposal, asked for while round r is verified
         try:
@@ -102,12 +113,12 @@ class RoundRunner:
                                                                                   cache_namespace)
                     fallback = draft_down or (k > 0 and draft is None)
                     r.stats.fallback_rounds += fallback
-                    verify = asyncio.ensure_future(self._verify(r, request_id, session, draft, sampling,
+                    verify = asyncio.ensure_future(self._verify(r, request_id, route, draft, sampling,
                                                                 cache_namespace))
                     if draft is not None:
                         pre = self._start_pre_draft(r, request_id, draft, sampling, cache_namespace)
                     try:
-                        reply, session, verify_s = await verify
+                        reply, verify_s = await verify
                     finally:
                         verify.cancel()                      # a no-op once done; a cancelled round stops it
                     outcome = VerifyOutcome(list(reply.accepted_token_ids), reply.next_token_id,
@@ -130,13 +141,15 @@ class RoundRunner:
                     if span.is_recording():
                         span.set_attributes({"specd.round": index, "specd.k": outcome.num_drafted,
                                              "specd.k_chosen": k, "specd.accepted": outcome.num_accepted,
-                                             "specd.fallback": fallback, "specd.session": session,
+                                             "specd.fallback": fallback, "specd.session": route.session,
+                                             "specd.verifier": route.replica.address,
                                              "specd.pre_draft": ("hit" if draft is not None and draft_s is None
                                                                  else "miss" if pre_drafted else "none")})
                 yield appended
         finally:
             await discard(pre)
-            await self._release(session)
+            await self._release(route.replica, route.session)
+            self.verifiers.unpin(route.replica)
 
     def _start_pre_draft(self, r: Request, request_id: str, draft: draft_pb2.ProposeReply, sampling,
                          cache_namespace: str) -> PreDraft | None:
@@ -158,6 +171,36 @@ class RoundRunner:
         task = asyncio.ensure_future(self._propose(r, request_id, k_next, sampling, cache_namespace,
                                                    context=base, round_index=r.stats.rounds + 1, guess_next=True))
         return PreDraft(base, r.stats.rounds + 1, k_next, task)
+
+    def _route(self, request_id: str) -> SessionRoute:
+        """A new session on the least-loaded healthy verifier replica; none healthy: UNAVAILABLE, as a lone
+        verifier that is down answers."""
+        try:
+            replica = self.verifiers.pick()
+        except NoReplicaError as e:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       str(e)) from None
+        metrics.VERIFIER_ROUTED.labels(replica.address).inc()
+        return SessionRoute(replica, f"{request_id}-0")
+
+    def _move(self, r: Request, request_id: str, route: SessionRoute, session: str,
+              err: grpc.aio.AioRpcError) -> str:
+        """The session's replica failed: pin it to another and re-prefill there from the gateway's history (the
+        old replica's copy, if it still lives, expires by its TTL or is released below)."""
+        old, old_session = route.replica, session
+        self.verifiers.failed(old, err)
+        route.replica = self.verifiers.pick(exclude=old)
+        self.verifiers.unpin(old)
+        route.moves += 1
+        session = f"{request_id}-{r.stats.rounds}-moved{route.moves}"
+        r.pending = list(r.context)
+        metrics.VERIFIER_ROUTED.labels(route.replica.address).inc()
+        metrics.SESSION_MOVES.labels(err.code().name).inc()
+        log.warning("verifier replica %s failed (%s): session %s moves to %s, re-prefilling %d tokens", old.address,
+                    err.code().name, old_session, route.replica.address, r.num_tokens)
+        if err.code() is not grpc.StatusCode.UNAVAILABLE:       # maybe alive but slow: free its copy, in passing
+            asyncio.ensure_future(self._release(old, old_session))
+        return session
 
     def _k_limit(self, r: Request) -> int:
         """What the services accept: the draft's K and context limits, and the verifier's K limit."""
@@ -202,9 +245,10 @@ class RoundRunner:
                         queue_ms=0.0 if guess_next else reply.queue_ms, wire_bytes=req.ByteSize() + reply.ByteSize())
         return reply, dt, reply.compute_ms / 1000
 
-    async def _verify(self, r: Request, request_id: str, session: str, draft: draft_pb2.ProposeReply | None,
-                      sampling, cache_namespace: str = "") -> tuple[verifier_pb2.VerifyReply, str, float]:
-        for attempt in range(2):
+    async def _verify(self, r: Request, request_id: str, route: SessionRoute, draft: draft_pb2.ProposeReply | None,
+                      sampling, cache_namespace: str = "") -> tuple[verifier_pb2.VerifyReply, float]:
+        resynced, session = False, route.session        # the route takes the new session once it answered
+        while True:
             req = verifier_pb2.VerifyRequest(
                 session_id=session, round=r.stats.rounds, committed_len=r.num_tokens, new_tokens=r.pending,
                 sampling=sampling, cache_namespace=cache_namespace, prompt_len=len(r.prompt_ids))
@@ -213,13 +257,18 @@ class RoundRunner:
                 req.draft_dists.extend(draft.dists)             # q′ as the draft sent it: never decoded here
             t = time.perf_counter()
             try:
-                reply = await self.verifier.Verify(req, timeout=self.settings.verify_timeout_s)
+                reply = await route.replica.stub.Verify(req, timeout=self.settings.verify_timeout_s)
             except grpc.aio.AioRpcError as e:
-                if attempt == 0 and session_lost(e):
+                if replica_lost(e) and route.moves < len(self.verifiers.replicas) and \
+                        self.verifiers.can_move(route.replica):
+                    session = self._move(r, request_id, route, session, e)
+                    continue
+                if not resynced and session_lost(e):
+                    resynced = True
                     log.warning("verifier lost session %s (%s): re-prefilling %d tokens", session, e.details(),
                                 r.num_tokens)
                     if e.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                        await self._release(session)             # out of step, but still open there: free it
+                        await self._release(route.replica, session)  # out of step, but still open there: free it
                     session = f"{request_id}-{r.stats.rounds}-resync"    # as long after many resyncs as after one
                     r.pending = list(r.context)
                     continue
@@ -232,11 +281,11 @@ class RoundRunner:
                       wire_bytes=req.ByteSize() + reply.ByteSize())
             s.prefix_cached_tokens += reply.cached_tokens
             s.max_verify_batch_size = max(s.max_verify_batch_size, reply.batch_size)
-            return reply, session, dt
-        raise AssertionError("unreachable")
+            route.session = session
+            return reply, dt
 
-    async def _release(self, session: str) -> None:
+    async def _release(self, replica: Replica, session: str) -> None:
         try:
-            await self.verifier.Release(verifier_pb2.ReleaseRequest(session_id=session), timeout=5)
+            await replica.stub.Release(verifier_pb2.ReleaseRequest(session_id=session), timeout=5)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass                                                # the verifier's TTL frees it anyway

@@ -68,6 +68,13 @@ COST_MODEL = Gauge("specd_cost_model_seconds", "The K controller's cost model: d
 PRE_DRAFTS = Counter("specd_pre_drafts", "Next-round proposals drafted while a round was verified, by outcome: "
                      "hit (used as the next round's proposal), miss (the verifier corrected a draft, or the bonus "
                      "token was not the guess), failed (the call failed; the round drafted afresh)", ["outcome"])
+VERIFIER_ROUTED = Counter("specd_verifier_routed_sessions", "Sessions the gateway pinned to a verifier replica (new, "
+                          "or moved there from a failed one), by replica address", ["replica"])
+SESSION_MOVES = Counter("specd_verifier_session_moves", "Sessions moved to another verifier replica (re-prefilled "
+                        "from the gateway's history) because theirs failed, by the failing call's status",
+                        ["reason"])
+VERIFIER_REPLICAS = Gauge("specd_verifier_replicas", "Verifier replicas the gateway knows, by state: healthy "
+                          "(routable), unhealthy (failing calls, draining, or serving another tokenizer)", ["state"])
 ROUND_LATENCY = Histogram("specd_round_latency_seconds", "One draft→verify round seen by the gateway",
                           buckets=_LATENCY_BUCKETS)
 
