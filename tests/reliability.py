@@ -36,9 +36,10 @@ def insecure_flag(service: str) -> list[str]:
 class ServiceProcess:
     """`specd <service> --model ...` on free loopback ports (gRPC + Prometheus), logging to a file."""
 
-    def __init__(self, service: str, model: str, log_dir: Path, *extra: str, env: dict | None = None):
+    def __init__(self, service: str, model: str, log_dir: Path, *extra: str, env: dict | None = None,
+                 port: int | None = None):
         self.service = service
-        self.port, self.metrics_port = free_port(), free_port()
+        self.port, self.metrics_port = port or free_port(), free_port()
         self.log_path = log_dir / f"{service}-{self.port}.log"
         self.address = f"127.0.0.1:{self.port}"
         with open(self.log_path, "w") as log:
