@@ -240,9 +240,11 @@ class RoundRunner:
         metrics.RPC_NETWORK.labels("draft").observe(max(0.0, network))
         if not guess_next:
             metrics.DRAFT_LATENCY.observe(dt)
-        # A pre-draft's wall time overlapped the verify call: the round did not wait for it.
-        r.stats.add_rpc(draft=True, wall_s=0.0 if guess_next else dt, compute_ms=reply.compute_ms,
-                        queue_ms=0.0 if guess_next else reply.queue_ms, wire_bytes=req.ByteSize() + reply.ByteSize())
+        # The stats' draft times are the calls rounds waited for; a pre-draft ran in the verify call's shadow (its
+        # bytes count, its time and compute do not: draft_compute_ms <= draft_ms holds, as the split assumes).
+        waited = not guess_next
+        r.stats.add_rpc(draft=True, wall_s=dt if waited else 0.0, compute_ms=reply.compute_ms if waited else 0.0,
+                        queue_ms=reply.queue_ms if waited else 0.0, wire_bytes=req.ByteSize() + reply.ByteSize())
         return reply, dt, reply.compute_ms / 1000
 
     async def _verify(self, r: Request, request_id: str, route: SessionRoute, draft: draft_pb2.ProposeReply | None,

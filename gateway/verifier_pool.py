@@ -11,8 +11,9 @@ score:
           + sessions this gateway pinned there since that report (not yet in it)
 
 ties broken by the larger free share of KV blocks. With none healthy, a new session tries a replica that was good
-before (a lone verifier that restarts is reached through its channel's own reconnects, as with one address). A replica older than v1.3 (Load UNIMPLEMENTED) is scored by this
-gateway's own sessions there. A replica whose tokenizer fingerprint differs from the first one's is never used.
+before (a lone verifier that restarts is reached through its channel's own reconnects, as with one address). A
+replica older than v1.3 (Load UNIMPLEMENTED) is scored by this gateway's own sessions there. A replica that serves
+another tokenizer, context limit or K limit than the first one checked is never used.
 
 A session is pinned to its replica: its KV lives there. When that replica fails or drains, the round loop moves the
 session to another replica by re-prefilling it from the gateway's own token history (gateway/rounds.py), the same
