@@ -95,10 +95,9 @@ async def resolve(target: str) -> list[str]:
 @dataclass
 class VerifierPool:
     """`connect(address, host) -> (channel, stub)` (`host`: the name the address was resolved from, which its TLS
-    certificate names); `fingerprint`: the vocab fingerprint every replica must serve ("":
-    the first replica's)."""
+    certificate names); `fingerprint`: the vocab fingerprint every replica must serve ("": the first replica's)."""
     targets: list[str]
-    connect: Callable[[str], tuple[object, object]]
+    connect: Callable[[str, str], tuple[object, object]]
     fingerprint: str = ""
     refresh_s: float = 5.0
     call_timeout_s: float = 2.0
