@@ -85,6 +85,7 @@ def test_unhealthy_draining_and_mismatched_replicas_get_no_new_sessions():
     assert {pool.pick().address for _ in range(5)} == {"a:1"}
     assert pool.healthy_count() == 1
     reps["d:1"].down = False                                    # it comes back: the next refresh sees it
+    reps["a:1"].load.sessions = 5                               # a reports the 5 sessions routed to it
     _run(pool.refresh())
     assert pool.healthy_count() == 2 and pool.pick().address == "d:1"
 
