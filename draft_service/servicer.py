@@ -26,7 +26,8 @@ class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
             await abort_with(context, e)
         span = trace.get_current_span()
         if span.is_recording():
-            span.set_attributes({"specd.round": request.round, "specd.k": request.k, "specd.pre_draft": request.guess_next,
+            span.set_attributes({"specd.round": request.round, "specd.k": request.k,
+                                 "specd.pre_draft": request.guess_next,
                                  "specd.context_tokens": len(request.context_token_ids),
                                  "specd.cached_tokens": result.cached_tokens, "specd.batch_size": result.batch_size,
                                  "specd.queue_ms": result.queue_s * 1000, "specd.compute_ms": result.compute_s * 1000})

@@ -31,7 +31,6 @@ class PreDraft:
     """A pending proposal for round `round_index`, drafted from `base` (round r's context + its drafts) + a guess."""
     base: list[int]
     round_index: int
-    k: int
     task: asyncio.Task           # -> (ProposeReply | None, seconds | None, compute seconds | None)
 
     def cancel(self, outcome: str | None = "miss") -> None:

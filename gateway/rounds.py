@@ -80,6 +80,7 @@ class RoundRunner:
         self.draft_link = DraftLink(draft, fingerprint, settings.draft_retry_s) if draft is not None else None
         self.pre_draft = pre_draft and draft is not None
         costs.pre_draft = self.pre_draft
+        metrics.watch_costs(costs)
 
     async def run(self, r: Request, request_id: str | None = None,
                   cache_namespace: str = "") -> AsyncIterator[list[int]]:
@@ -131,7 +132,6 @@ class RoundRunner:
                     observe_pass_costs(self.costs, [r], draft_steps=k, draft_s=draft_s,
                                        verify_tokens=outcome.num_drafted + 1, verify_s=verify_s,
                                        draft_compute_s=draft_compute_s, verify_compute_s=reply.compute_ms / 1000)
-                    metrics.observe_costs(self.costs)
                     appended = r.apply(outcome, self.stop)
                     if r.finished and pre is not None:
                         pre.cancel(None)                     # the request ended: nothing to pre-draft for
@@ -170,7 +170,7 @@ class RoundRunner:
             return None
         task = asyncio.ensure_future(self._propose(r, request_id, k_next, sampling, cache_namespace,
                                                    context=base, round_index=r.stats.rounds + 1, guess_next=True))
-        return PreDraft(base, r.stats.rounds + 1, k_next, task)
+        return PreDraft(base, r.stats.rounds + 1, task)
 
     def _route(self, request_id: str) -> SessionRoute:
         """A new session on the least-loaded healthy verifier replica; none healthy: UNAVAILABLE, as a lone

@@ -72,11 +72,13 @@ class CostModel:
         """Expected seconds of a round with K drafts. `hit`: the probability that the round's proposal was already
         pre-drafted. A pre-draft (K + 1 steps: the guessed bonus token, then K drafts) runs beside the verify call;
         whatever of it outlasts the verify call delays the next round, hit or miss (the draft is busy)."""
-        verify = self.verify_cost(k)
         if not (self.pre_draft and k):
-            return self.draft_cost(k) + verify
-        overrun = max(0.0, self.draft_call + (k + 1) * self.t_draft - verify)
-        return (1 - hit) * self.draft_cost(k) + verify + overrun
+            return self.draft_cost(k) + self.verify_cost(k)
+        return (1 - hit) * self.draft_cost(k) + self.verify_cost(k) + self.pre_draft_overrun(k)
+
+    def pre_draft_overrun(self, k: int) -> float:
+        """How long a pre-draft after a round of K drafts (K + 1 steps) outlasts that round's verify call."""
+        return max(0.0, self.draft_call + (k + 1) * self.t_draft - self.verify_cost(k))
 
     def _ema_abs(self, old: float, new: float) -> float:
         """EMA of a quantity that may legitimately be ~0 (a loopback round trip): no relative clamp."""
@@ -145,8 +147,7 @@ class AdaptiveK:
         c = self.costs
         if not c.calibrated or k == 0:
             return k > 0
-        overrun = max(0.0, c.draft_call + (k + 1) * c.t_draft - c.verify_cost(k))
-        return self.hit_probability(k) * c.draft_cost(k) > overrun
+        return self.hit_probability(k) * c.draft_cost(k) > c.pre_draft_overrun(k)
 
     def observe_guess(self, matched: bool) -> None:
         """A round whose K drafts were all accepted, pre-drafted with a guessed bonus token: was it right?"""

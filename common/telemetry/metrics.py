@@ -175,12 +175,11 @@ def record_round(k_chosen: int, drafted: int, accepted: int, emitted: int, secon
                 SPEC_DECODE_NUM_ACCEPTED_TOKENS_PER_POS.labels(position).inc()
 
 
-def observe_costs(costs) -> None:
-    """The gateway's shared CostModel, after each round's observations."""
-    for part, value in (("draft_call", costs.draft_call), ("draft_step", costs.t_draft),
-                        ("verify_call", costs.verify_call), ("verify_base", costs.t_verify_base),
-                        ("verify_per_token", costs.t_verify_per_token)):
-        COST_MODEL.labels(part).set(value)
+def watch_costs(costs) -> None:
+    """The gateway's shared CostModel, read when scraped (nothing runs per round)."""
+    for part, attr in (("draft_call", "draft_call"), ("draft_step", "t_draft"), ("verify_call", "verify_call"),
+                       ("verify_base", "t_verify_base"), ("verify_per_token", "t_verify_per_token")):
+        COST_MODEL.labels(part).set_function(lambda attr=attr: getattr(costs, attr))
 
 
 def observe_request_latency(ttft_s: float | None, e2e_s: float) -> None:

@@ -1,7 +1,7 @@
 """Pre-drafting on the real Qwen pair through the three services (float32, verifier TP=1): greedy output equals
 in-process target-only with the gateway dialling the services directly and through a delay proxy (a WAN of 5 ms
-each way), and a seeded sampled request gives the same tokens with pre-drafting on and off (at a fixed K). Each gateway's own
-metrics show that pre-drafted rounds were used (a test that never hit would prove nothing)."""
+each way), and a seeded sampled request gives the same tokens with pre-drafting on and off (at a fixed K). Each
+gateway's own metrics show that pre-drafted rounds were used (a test that never hit would prove nothing)."""
 import pytest
 
 from bench.delay_proxy import DelayProxy, Route

@@ -41,3 +41,15 @@ def test_metrics_server_off_by_default_and_scrapable_when_on():
     assert 'specd_prefix_cache_bytes_total{direction="load",tier="redis"}' in body
     assert "specd_verifier_queue_depth 5.0" in body
     assert "specd_kv_blocks_used 3.0" in body and "specd_kv_blocks_free 61.0" in body
+
+
+def test_the_cost_model_gauges_read_the_model_when_scraped():
+    from prometheus_client import REGISTRY
+
+    from common.speculative.adaptive_k import CostModel
+    from common.telemetry import metrics
+    costs = CostModel()
+    metrics.watch_costs(costs)
+    costs.draft_call, costs.t_verify_base = 0.012, 0.25           # later observations, no call in between
+    value = lambda part: REGISTRY.get_sample_value("specd_cost_model_seconds", {"part": part})   # noqa: E731
+    assert value("draft_call") == 0.012 and value("verify_base") == 0.25 and value("draft_step") == 0.0
