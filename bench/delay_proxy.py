@@ -125,6 +125,10 @@ class DelayProxy:
             wait = due - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
+            # Counted before the send: a peer that has read the last byte must see it counted (counting after
+            # sendall raced the reader, which can return before this thread runs again).
+            with self._lock:
+                self.bytes_forwarded += len(data)
             try:
                 if not data:
                     dst.shutdown(socket.SHUT_WR)
@@ -133,8 +137,6 @@ class DelayProxy:
             except OSError:
                 _close(src)
                 return
-            with self._lock:
-                self.bytes_forwarded += len(data)
 
 
 def _thread(fn, *args, name: str) -> threading.Thread:

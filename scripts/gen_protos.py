@@ -2,12 +2,13 @@
 
 protoc writes `from specd.v1 import x_pb2`; the imports are rewritten to the package's real location so the
 stubs live inside `common` and need no sys.path tricks. `--check` regenerates into a temporary folder and
-fails when the checked-in stubs differ (stale stubs).
+fails when the checked-in stubs differ (stale stubs). The generator's own version stamps (`GRPC_GENERATED_VERSION`,
+the protobuf gencode version) are left out of that comparison: a newer grpcio-tools than the one that wrote the
+stubs is not staleness, and pyproject's lower bounds keep the runtime at or above the stamped versions.
 """
 from __future__ import annotations
 
 import argparse
-import filecmp
 import re
 import shutil
 import sys
@@ -49,9 +50,9 @@ def main(argv=None) -> int:
         print(f"generated {len(files)} files in {OUT.relative_to(ROOT)}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        cmp = filecmp.dircmp(tmp, OUT)
-        stale = _differences(cmp)
+        fresh = Path(tmp)
+        generate(fresh)
+        stale = _differences(fresh, OUT)
     if stale:
         print("stale generated stubs (run `make protos`): " + ", ".join(stale), file=sys.stderr)
         return 1
@@ -59,12 +60,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def _differences(cmp: filecmp.dircmp, prefix: str = "") -> list[str]:
-    out = [prefix + n for n in cmp.left_only + cmp.right_only + cmp.diff_files if not n.startswith("__pycache__")]
-    for name, sub in cmp.subdirs.items():
-        if name != "__pycache__":
-            out += _differences(sub, f"{prefix}{name}/")
-    return out
+# Lines that name the generator's version, not the content: `GRPC_GENERATED_VERSION = '1.85.1'`,
+# `# Protobuf Python Version: 7.35.1` and the major/minor/patch arguments of ValidateProtobufRuntimeVersion.
+_VERSION_STAMPS = [
+    re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.M),
+    re.compile(r"^# Protobuf Python Version: .*$", re.M),
+    re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.\w+,)\s*\d+,\s*\d+,\s*\d+,", re.M),
+]
+
+
+def _content(path: Path) -> str:
+    text = path.read_text()
+    for stamp in _VERSION_STAMPS:
+        text = stamp.sub(lambda m: (m.group(1) if m.groups() else "") + "<version>", text)
+    return text
+
+
+def _differences(fresh: Path, checked_in: Path) -> list[str]:
+    def listing(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts}
+    new, old = listing(fresh), listing(checked_in)
+    return sorted((new ^ old) | {n for n in new & old if _content(fresh / n) != _content(checked_in / n)})
 
 
 if __name__ == "__main__":

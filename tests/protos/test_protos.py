@@ -36,6 +36,34 @@ def test_checked_in_stubs_are_up_to_date():
     assert result.returncode == 0, result.stderr
 
 
+def _gen_protos():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_protos", ROOT / "scripts" / "gen_protos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_newer_generator_version_is_not_staleness_but_a_changed_stub_is(tmp_path):
+    # CI installs the newest grpcio-tools, which stamps its own version into every stub; only content counts.
+    gen = _gen_protos()
+    checked_in, fresh = tmp_path / "old", tmp_path / "new"
+    for name in ["x_pb2_grpc.py", "x_pb2.py"]:
+        text = (gen.OUT / "specd" / "v1" / name.replace("x_", "draft_")).read_text()
+        (checked_in / name).parent.mkdir(exist_ok=True)
+        (checked_in / name).write_text(text)
+        newer = re.sub(r"GRPC_GENERATED_VERSION = '[^']+'", "GRPC_GENERATED_VERSION = '9.99.0'", text)
+        newer = re.sub(r"# Protobuf Python Version: \S+", "# Protobuf Python Version: 9.98.7", newer)
+        newer = re.sub(r"(Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,", r"\1\n    9,\n    98,\n    7,", newer)
+        assert newer != text, f"{name}: no version stamp found to vary"
+        (fresh / name).parent.mkdir(exist_ok=True)
+        (fresh / name).write_text(newer)
+    assert gen._differences(fresh, checked_in) == []
+    (fresh / "x_pb2_grpc.py").write_text((fresh / "x_pb2_grpc.py").read_text().replace("def Propose", "def Propos"))
+    (fresh / "extra_pb2.py").write_text("")
+    assert gen._differences(fresh, checked_in) == ["extra_pb2.py", "x_pb2_grpc.py"]
+
+
 def test_stubs_import_and_round_trip():
     from common.rpc.generated.specd.v1 import common_pb2, verifier_pb2
     req = verifier_pb2.VerifyRequest(session_id="s", round=3, draft_token_ids=[5, 6],
