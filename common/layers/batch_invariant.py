@@ -45,8 +45,8 @@ def find_row_tile(matmul: Callable[[torch.Tensor], torch.Tensor], in_features: i
     g = torch.Generator().manual_seed(0)
     x = torch.randn(max(PROBE_ROWS), in_features, generator=g).to(dtype=dtype, device=device)   # [rows, in]
     for tile in ROW_TILES:
-        alone = [matmul(pad_rows(x[j:j + 1], tile))[:1] for j in range(x.shape[0])]
-        if all(torch.equal(matmul(pad_rows(x[:m], tile))[j:j + 1], alone[j]) for m in PROBE_ROWS for j in range(m)):
+        alone = torch.cat([matmul(pad_rows(x[j:j + 1], tile))[:1] for j in range(x.shape[0])])      # [rows, out]
+        if all(torch.equal(matmul(pad_rows(x[:m], tile))[:m], alone[:m]) for m in PROBE_ROWS):     # one call per m
             return tile
     raise ConfigError(f"batch_invariant: no row tile in {ROW_TILES} makes a [{in_features}]-input {dtype} matmul "
                       "row-invariant on this machine's kernels; run without batch_invariant")
