@@ -24,17 +24,23 @@ def can_prepack(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+# dtypes this process found it cannot pack (e.g. bfloat16 on a CPU without AVX-512/AVX-NE-CONVERT): asked once
+# and warned once, not once per weight
+_UNPACKABLE: set[torch.dtype] = set()
+
+
 def prepack(weight: torch.Tensor) -> torch.Tensor | None:
     """The oneDNN-packed copy of a [out, in] weight, or None where packing is unavailable."""
-    if not can_prepack(weight):
+    if not can_prepack(weight) or weight.dtype in _UNPACKABLE:
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_BATCH_HINT[weight.dtype])
         probe = torch.ones(2, weight.shape[1], dtype=weight.dtype)
         torch.testing.assert_close(packed_linear(probe, packed), F.linear(probe, weight), rtol=2e-2, atol=2e-2)
         return packed
-    except Exception as e:  # an op missing from this torch build: keep the plain path
-        log.warning("oneDNN weight prepacking unavailable (%s); using F.linear", e)
+    except Exception as e:  # an op missing from this torch build or this CPU: keep the plain path
+        _UNPACKABLE.add(weight.dtype)
+        log.warning("oneDNN weight prepacking unavailable for %s (%s); using F.linear", weight.dtype, e)
         return None
 
 
