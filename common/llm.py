@@ -154,15 +154,16 @@ class LLM:
     def _calibrate(self, reps: int = 3) -> None:
         """Measure one draft step and target passes of 1..k_max+1 tokens, so round one already picks K well."""
         probe = list(range(10, 42))
+        self.target.forward([SequenceChunk(-1, probe)])                 # one 32-token context, prefilled once
         for n in sorted({1, 3, 5, self.k_max + 1}):
             for _ in range(reps):
-                self.target.forward([SequenceChunk(-1, probe)])
                 t = time.perf_counter()
                 self.target.forward([SequenceChunk(-1, probe[:n], num_logits=n)])
                 dt = time.perf_counter() - t
                 for costs in self.costs.values():
                     costs.observe_verify(n, dt)
-                self.target.free(-1)
+                self.target.truncate(-1, len(probe))                    # rolled back, as a rejected round is
+        self.target.free(-1)
         if self.draft_runner is not None:
             self.draft_runner.forward([SequenceChunk(-1, probe)])
             for _ in range(reps):
