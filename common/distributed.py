@@ -16,6 +16,7 @@ class TPGroup:
     rank: int = 0
     world_size: int = 1
     group: object = None          # torch.distributed ProcessGroup, None when world_size == 1
+    local_rank: int = 0           # the rank's index on its node: picks its GPU (cuda:local_rank)
 
     @property
     def is_driver(self) -> bool:
@@ -66,9 +67,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_tp_group(rank: int, world_size: int, init_method: str, device: str,
-                  timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TPGroup:
+                  timeout_s: float = COLLECTIVE_TIMEOUT_S, local_rank: int | None = None) -> TPGroup:
     """Join (or create) the default process group: NCCL for CUDA, gloo for CPU. `timeout_s` bounds the
-    rendezvous and every collective."""
+    rendezvous and every collective; `local_rank` (default: `rank`, one node) is the rank's index on its node."""
+    local_rank = rank if local_rank is None else local_rank
     if world_size == 1:
         return TPGroup()
     backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -78,7 +80,7 @@ def init_tp_group(rank: int, world_size: int, init_method: str, device: str,
         if init_method.startswith("tcp://127.0.0.1") or init_method.startswith("tcp://localhost"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if not dist.is_initialized():
-        kwargs = {"device_id": torch.device(device)} if backend == "nccl" else {}
+        kwargs = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s), **kwargs)
-    return TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD)
+    return TPGroup(rank=rank, world_size=world_size, group=dist.group.WORLD, local_rank=local_rank)

@@ -49,7 +49,7 @@ class ModelRunner:
         config.check_model(self.model_config)
         if config.tp_size != self.tp.world_size:
             raise ConfigError(f"tp_size={config.tp_size} but the process group has {self.tp.world_size} rank(s)")
-        self.device = torch.device(config.device if config.device != "cuda" else f"cuda:{self.tp.rank}")
+        self.device = torch.device(config.device if config.device != "cuda" else f"cuda:{self.tp.local_rank}")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = config.torch_dtype

@@ -32,11 +32,15 @@ class LocalTopology:
     def __init__(self, target: str, draft: str | None, tp: int = 2, dtype: str = "bfloat16",
                  ports=(50051, 50052, 50053), k: str = "auto", log_dir: Path | None = None, extra_env=None,
                  tls: TLSConfig | None = None, api_keys: list[str] | None = None, log_level: str | None = None,
-                 http_port: int = 0):
+                 http_port: int = 0, nnodes: int = 1):
         """`tls`: cert/key served by all three (SAN 127.0.0.1) and presented by the gateway upstream, `ca` that
         signed it; None = plaintext. `api_keys`: required by the gateway (passed in its environment, never on a
-        command line). `http_port`: the gateway's OpenAI-compatible HTTP API (0 = off)."""
+        command line). `http_port`: the gateway's OpenAI-compatible HTTP API (0 = off). `nnodes` > 1: the
+        verifier's `tp` ranks as that many "nodes" on loopback, one `specd verifier` process (group) each,
+        meeting at a c10d store on a free port (node i is the process named `verifier-node{i}`)."""
         self.http_port = http_port
+        self.nnodes = nnodes
+        self.rdzv_endpoint: str | None = None               # node 0's c10d store, once a multi-node verifier ran
         self.target, self.draft, self.tp, self.dtype, self.k = target, draft, tp, dtype, k
         self.gateway_port, self.draft_port, self.verifier_port = ports
         self.log_dir = log_dir
@@ -145,11 +149,27 @@ class LocalTopology:
                            "--verifier", verifier, "--draft", draft,
                            *self._tls_flags(mutual=False), *self._upstream_flags()])
 
-    def start_verifier(self, name: str = "verifier") -> None:
+    def start_verifier(self, name: str = "verifier", nodes=None) -> None:
         """Start a verifier on the verifier port. Under another `name` (with its own `service_env`, e.g. another
-        metrics port) it joins the one running there (SO_REUSEPORT): a replacement that takes over when it dies."""
-        self._spawn(name, ["verifier", "--model", self.target, "--tp", str(self.tp), "--dtype", self.dtype,
-                           "--port", str(self.verifier_port), *self._tls_flags(mutual=True)])
+        metrics port) it joins the one running there (SO_REUSEPORT): a replacement that takes over when it dies.
+        With `nnodes` > 1, `nodes` (default: all, 0 first) says which of its nodes to start, in that order."""
+        if self.nnodes == 1:
+            self._spawn(name, self._verifier_args(None))
+            return
+        for node in range(self.nnodes) if nodes is None else nodes:
+            self._spawn(name if node == 0 else f"verifier-node{node}", self._verifier_args(node))
+
+    def _verifier_args(self, node: int | None) -> list[str]:
+        base = ["verifier", "--model", self.target, "--tp", str(self.tp), "--dtype", self.dtype,
+                *self._tls_flags(mutual=True)]
+        if node is None:
+            return [*base, "--port", str(self.verifier_port)]
+        from common.distributed import free_port
+        self.rdzv_endpoint = self.rdzv_endpoint or f"127.0.0.1:{free_port()}"
+        # worker nodes serve only health, on any free port
+        port = self.verifier_port if node == 0 else free_port()
+        return [*base, "--nnodes", str(self.nnodes), "--rdzv-endpoint", self.rdzv_endpoint,
+                "--node-rank", str(node), "--port", str(port)]
 
     def start_draft(self) -> None:
         self._spawn("draft", ["draft", "--model", self.draft, "--dtype", self.dtype, "--port", str(self.draft_port),
