@@ -135,8 +135,14 @@ def container_env(container: dict, objects: list[dict]) -> dict[str, str]:
     for source in container.get("envFrom", []):
         env.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
     for e in container.get("env", []):
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        env[e["name"]] = f"<secret {ref['name']}/{ref['key']}>" if ref else e["value"]
+        source = e.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            env[e["name"]] = f"<secret {ref['name']}/{ref['key']}>"
+        elif "fieldRef" in source:                  # the downward API: filled in by the kubelet
+            env[e["name"]] = f"<field {source['fieldRef']['fieldPath']}>"
+        else:
+            env[e["name"]] = e["value"]
     return env
 
 
