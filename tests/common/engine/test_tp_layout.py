@@ -66,15 +66,3 @@ def test_term_differences_name_each_setting():
         "dtype: this node 'float32', the driver 'bfloat16'"]
     assert term_differences({"a": 1}, {"a": 1}) == []
 
-
-def test_cpu_ranks_split_the_cores_this_process_may_use():
-    import os
-    import subprocess
-    import sys
-    code = "from common.engine.tp_executor import cpu_threads_per_rank as f; print(f(1), f(2), f(64))"
-    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.split()
-    assert pinned == ["1", "1", "1"]                    # one core allowed: one thread, however many cores exist
-    free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    cores = len(os.sched_getaffinity(0))
-    assert free == [str(cores), str(max(1, cores // 2)), "1"]
