@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan soak system-deps clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale soak system-deps clean
 
 install: $(STAMP)
 
@@ -108,6 +108,9 @@ bench-serve: install models $(BENCH_STAMP)
 BENCH_WAN_ARGS ?=
 bench-wan: install models $(BENCH_STAMP)
 	$(PY) -m bench.wan --plot-python $(BENCH_VENV)/bin/python $(BENCH_WAN_ARGS)
+
+bench-scale: install models $(BENCH_STAMP)
+	$(PY) -m bench.scale --plot-python $(BENCH_VENV)/bin/python $(BENCH_SCALE_ARGS)
 
 # Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
 SOAK_MINUTES ?= 20

@@ -152,3 +152,21 @@ def test_a_replica_that_comes_up_takes_new_sessions(cluster, reference):
 
 def _healthy(gw: Gateway) -> float:
     return scrape_by_label(gw.metrics_port, "specd_verifier_replicas", "state").get("healthy", 0.0)
+
+
+def test_a_verifier_drained_mid_run_moves_its_sessions_and_changes_no_output(cluster, reference):
+    """A SIGTERM (a rolling update, a node drain): the replica finishes the calls in flight, refuses the next
+    ones, and the gateway re-prefills those sessions on the replica left; the drained one exits 0."""
+    gw, victim = cluster["gateway"], cluster["verifiers"][1]
+    expected, _ = reference
+    before = sum(scrape_by_label(gw.metrics_port, "specd_verifier_session_moves_total", "reason").values())
+
+    def drain_one():
+        time.sleep(1.0)
+        victim.proc.send_signal(signal.SIGTERM)
+    outputs = _generate_all(gw, during=drain_one)
+    moved = sum(scrape_by_label(gw.metrics_port, "specd_verifier_session_moves_total", "reason").values()) - before
+    print(f"sessions moved off the draining replica: {moved}")
+    assert outputs == expected
+    assert moved > 0, "the drain came after every request had finished: the test proved nothing"
+    assert victim.proc.wait(60) == 0
