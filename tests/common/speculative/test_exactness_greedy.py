@@ -4,6 +4,8 @@ import pytest
 
 from common.llm import LLM
 from common.speculative.params import SamplingParams
+from common.tokenizer import encode_prompt
+from tests.memory_watch import release_memory
 
 pytestmark = pytest.mark.real_model
 
@@ -27,32 +29,50 @@ CASES = [("float32", "draft", 1), ("float32", "draft", 8), ("float32", "draft", 
          ("bfloat16-invariant", "draft", 8), ("bfloat16-invariant", "draft", "auto")]
 
 
-@pytest.fixture(scope="module")
-def llm(real_models, request):
-    # float32: batched verification and one-token decoding agree to ~1e-5, far below real logit gaps.
-    # bfloat16 with batch_invariant: they agree bit for bit.
-    dtype = request.param.split("-")[0]
-    with LLM(str(real_models["target"]), str(real_models["draft"]), num_speculative_tokens="auto",
-             dtype=dtype, kv_cache_memory_gib=0.5, batch_invariant=request.param.endswith("invariant")) as llm:
-        llm.workload = WORKLOAD[request.param]
-        yield llm
+class Engines:
+    """One LLM at a time (two real model sets never live together: the memory budget), each with its prompts and
+    target-only reference, built on first use. CASES lists each variant's cases together, so each is built once."""
+
+    def __init__(self, real_models):
+        self.real_models = real_models
+        self.variant = None
+        self.llm = None
+
+    def get(self, variant: str):
+        if variant != self.variant:
+            self.close()
+            dtype = variant.split("-")[0]
+            # float32: batched verification and one-token decoding agree to ~1e-5, far below real logit gaps.
+            # bfloat16 with batch_invariant: they agree bit for bit.
+            self.llm = LLM(str(self.real_models["target"]), str(self.real_models["draft"]),
+                           num_speculative_tokens="auto", dtype=dtype, kv_cache_memory_gib=0.5,
+                           batch_invariant=variant.endswith("invariant"))
+            self.variant = variant
+            prompts, max_tokens = WORKLOAD[variant]
+            self.prompt_ids = [encode_prompt(self.llm.tokenizer, text, chat) for text, chat in prompts]
+            outs = self.llm.generate(self.prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                                     proposer=None)
+            self.target_only = [o.token_ids for o in outs]
+        return self.llm, self.prompt_ids, self.target_only
+
+    def close(self):
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = self.variant = None
+            release_memory()
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(llm):
-    from common.tokenizer import encode_prompt
-    return [encode_prompt(llm.tokenizer, text, chat) for text, chat in llm.workload[0]]
+def engines(real_models):
+    e = Engines(real_models)
+    yield e
+    e.close()
 
 
-@pytest.fixture(scope="module")
-def target_only(llm, prompt_ids):
-    outs = llm.generate(prompt_ids, SamplingParams(max_tokens=llm.workload[1], ignore_eos=True), proposer=None)
-    return [o.token_ids for o in outs]
-
-
-@pytest.mark.parametrize("llm,proposer,k", CASES, indirect=["llm"])
-def test_greedy_speculative_equals_target_only(llm, prompt_ids, target_only, proposer, k):
-    prompts, max_tokens = llm.workload
+@pytest.mark.parametrize("variant,proposer,k", CASES)
+def test_greedy_speculative_equals_target_only(engines, variant, proposer, k):
+    llm, prompt_ids, target_only = engines.get(variant)
+    prompts, max_tokens = WORKLOAD[variant]
     outs = llm.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                         num_speculative_tokens=k, proposer=proposer)
     for i, (out, expected) in enumerate(zip(outs, target_only)):
@@ -60,7 +80,7 @@ def test_greedy_speculative_equals_target_only(llm, prompt_ids, target_only, pro
         assert out.token_ids == expected, f"prompt {i} ({prompts[i][0][:30]!r}) diverged, K={k}, {proposer}"
     drafted = sum(o.stats.drafted for o in outs)
     accepted = sum(o.stats.accepted for o in outs)
-    print(f"{proposer} K={k}: acceptance {accepted}/{drafted}, mean acceptance length "
+    print(f"{variant} {proposer} K={k}: acceptance {accepted}/{drafted}, mean acceptance length "
           f"{sum(o.stats.mean_acceptance_length for o in outs) / len(outs):.2f}")
     if proposer == "draft":
         assert drafted > 0 and accepted > 0          # speculation really happened, and the draft is useful
