@@ -17,13 +17,18 @@ token. Pre-drafting is off so the draft never computes beside a verify.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench.prompts import PROMPTS
+from bench.wan import cpu_features
 from bench.report import bench_arguments, fetched_pair, goal, plot_with, print_goals, print_table, write_result
+
+
+REFRESH_S = 1.0           # the gateways' --verifier-refresh-s (Load polled this often)
 
 
 def _insecure_verifier(target: str, dtype: str, port: int, *extra: str) -> list[str]:
@@ -68,7 +73,10 @@ def replicas(args, target, draft, ids, logs) -> list[dict]:
                     "two": f"127.0.0.1:{ports['verifier-a']},127.0.0.1:{ports['verifier-b']}"}
         for gw, (port, metrics_port) in gws.items():
             topo.service_env[gw] = {"SPECD_METRICS_PORT": str(metrics_port), "OMP_NUM_THREADS": "1"}
-            topo.start_gateway(gw, port=port, http_port=0, upstream=(upstream[gw], f"127.0.0.1:{topo.draft_port}"))
+            # Load reports at most REFRESH_S old: each cell starts after a fresh one (the other gateway's sessions
+            # on replica A have been released by then), so a stale report does not steer a whole burst to B.
+            topo.start_gateway(gw, port=port, http_port=0, upstream=(upstream[gw], f"127.0.0.1:{topo.draft_port}"),
+                               extra_args=("--verifier-refresh-s", str(REFRESH_S)))
         for gw, (port, _) in gws.items():
             topo.wait_serving(f"127.0.0.1:{port}", gw, 300)
             clients[gw] = SpecdClient(f"127.0.0.1:{port}", timeout_s=3600)
@@ -78,6 +86,7 @@ def replicas(args, target, draft, ids, logs) -> list[dict]:
             for rep in range(args.reps):
                 for gw in (["one", "two"] if rep % 2 == 0 else ["two", "one"]):
                     c = cells[gw]
+                    time.sleep(2 * REFRESH_S)
                     before = _routed(gws[gw][1])
                     wall, replies = _run(clients[gw], ids, args.max_tokens, k, args.concurrency)
                     after = _routed(gws[gw][1])
@@ -208,6 +217,10 @@ def main(argv=None) -> int:
     out = write_result("scale", {"target": target, "draft": draft, "dtype": args.dtype, "max_tokens": args.max_tokens,
                                  "prompts": len(ids), "reps": args.reps, "concurrency": args.concurrency,
                                  "k": [str(k) for k in args.k], "hop_k": args.hop_k, "hop_prompts": args.hop_prompts,
+                                 "cpu_features": cpu_features(),
+                                 # kernels capped below the CPU's own (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA)
+                                 "kernel_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+                                                 if k in os.environ},
                                  "logs": str(logs)}, rows, goals, "cpu", args.name)
     print(f"wrote {out}")
     plot_with(args.plot_python, Path(__file__).with_name("scale_plot.py"), out)

@@ -63,11 +63,8 @@ def test_two_nodes_generate_what_one_rank_does(models, tmp_path):
 
 @pytest.mark.parametrize("what", ["node", "rank"])
 def test_losing_node_1_makes_the_driver_not_serving_and_both_exit(models, tmp_path, what):
-    topo = _topology(models, tmp_path, draft=False)
-    topo.start(timeout_s=180)
-    try:
+    with _topology(models, tmp_path, draft=False) as topo:
         driver, node1 = topo.procs["verifier"], topo.procs["verifier-node1"]
-        t = time.monotonic()
         if what == "node":                          # the whole node: its launcher and its rank, SIGKILL
             os.killpg(node1.pid, signal.SIGKILL)
         else:                                       # one rank; its node's launcher notices and reports it
@@ -84,14 +81,10 @@ def test_losing_node_1_makes_the_driver_not_serving_and_both_exit(models, tmp_pa
             assert wait_until(lambda: node1.poll() is not None, 10, "node 1 exits") >= 0
             assert node1.returncode == EXIT_RANK_LOST
         record(f"multinode_{what}_loss", {"driver_exit_s": round(to_exit, 2)})
-    finally:
-        topo.stop()
 
 
 def test_losing_the_driver_ends_the_worker_node(models, tmp_path):
-    topo = _topology(models, tmp_path, draft=False)
-    topo.start(timeout_s=180)
-    try:
+    with _topology(models, tmp_path, draft=False) as topo:
         node1 = topo.procs["verifier-node1"]
         (rank1,) = _ranks(node1.pid)
         os.killpg(topo.procs["verifier"].pid, signal.SIGKILL)
@@ -101,20 +94,14 @@ def test_losing_the_driver_ends_the_worker_node(models, tmp_path):
                           "its rank ends") >= 0
         assert "node 1: " in (tmp_path / "verifier-node1.log").read_text()
         record("multinode_driver_loss", {"worker_exit_s": round(to_exit, 2)})
-    finally:
-        topo.stop()
 
 
 def test_sigterm_to_every_node_is_an_orderly_end(models, tmp_path):
-    topo = _topology(models, tmp_path, draft=False)
-    topo.start(timeout_s=180)
-    try:
+    with _topology(models, tmp_path, draft=False) as topo:
         for name in ("verifier-node1", "verifier"):         # worker first: it waits for the driver's shutdown
             os.killpg(topo.procs[name].pid, signal.SIGTERM)
         assert topo.procs["verifier"].wait(60) == 0, (tmp_path / "verifier.log").read_text()[-3000:]
         assert topo.procs["verifier-node1"].wait(60) == 0, (tmp_path / "verifier-node1.log").read_text()[-3000:]
-    finally:
-        topo.stop()
 
 
 def test_a_worker_node_started_first_waits_for_the_driver(models, tmp_path):

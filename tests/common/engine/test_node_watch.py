@@ -22,6 +22,12 @@ def layout():
     del master
 
 
+def _beating(layout, on_loss, dead_after_s):
+    """Worker nodes 1 and 2 beating, and the driver's watch on them."""
+    beats = [Heartbeat(connect_store(layout, 5), node, lambda r: None) for node in (1, 2)]
+    return beats, NodeWatch(connect_store(layout, 5), layout, on_loss, dead_after_s=dead_after_s)
+
+
 def _losses():
     got, event = [], threading.Event()
 
@@ -33,9 +39,8 @@ def _losses():
 
 def test_beating_nodes_stay_alive_and_a_silent_one_is_lost(layout, monkeypatch):
     monkeypatch.setattr(node_watch, "HEARTBEAT_S", 0.05)
-    beats = [Heartbeat(connect_store(layout, 5), node, lambda r: None) for node in (1, 2)]
     got, event, on_loss = _losses()
-    watch = NodeWatch(connect_store(layout, 5), layout, on_loss, dead_after_s=0.5)
+    beats, watch = _beating(layout, on_loss, dead_after_s=0.5)
     try:
         assert not event.wait(1.0)                      # both beat: nothing lost
         beats[1].stop()                                 # node 2 falls silent
@@ -45,14 +50,14 @@ def test_beating_nodes_stay_alive_and_a_silent_one_is_lost(layout, monkeypatch):
         assert watch.lost and watch.lost_rank == 2
     finally:
         watch.stop()
-        beats[0].stop()
+        for b in beats:
+            b.stop()
 
 
 def test_a_reported_loss_is_seen_at_once_with_its_reason(layout, monkeypatch):
     monkeypatch.setattr(node_watch, "HEARTBEAT_S", 0.05)
-    beats = [Heartbeat(connect_store(layout, 5), node, lambda r: None) for node in (1, 2)]
     got, event, on_loss = _losses()
-    watch = NodeWatch(connect_store(layout, 5), layout, on_loss, dead_after_s=30)
+    beats, watch = _beating(layout, on_loss, dead_after_s=30)
     try:
         t = time.monotonic()
         beats[0].report_lost("rank 1 exited (exit code -9)")
@@ -66,8 +71,7 @@ def test_a_reported_loss_is_seen_at_once_with_its_reason(layout, monkeypatch):
 
 def test_ready_once_every_worker_node_said_so(layout, monkeypatch):
     monkeypatch.setattr(node_watch, "HEARTBEAT_S", 0.05)
-    beats = [Heartbeat(connect_store(layout, 5), node, lambda r: None) for node in (1, 2)]
-    watch = NodeWatch(connect_store(layout, 5), layout, lambda *a: None, dead_after_s=30)
+    beats, watch = _beating(layout, lambda *a: None, dead_after_s=30)
     try:
         beats[0].ready()
         assert not watch.wait_ready(0.5)
