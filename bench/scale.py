@@ -171,9 +171,9 @@ def goals_of(rows: list[dict]) -> list[dict]:
     hop = {(r["layout"], r["k"]): r for r in rows if r["part"] == "tp-hop"}
     for k in sorted({k for _, k in hop}):
         if ("one node", k) in hop and ("two nodes", k) in hop:
+            two, one = hop[("two nodes", k)], hop[("one node", k)]
             goals.append(goal(f"two_nodes_vs_one_node_verify_ms_per_round_K{k}",
-                              hop[("two nodes", k)]["verify_ms_per_round"] / hop[("one node", k)]["verify_ms_per_round"],
-                              1.25, higher_is_better=False))
+                              two["verify_ms_per_round"] / one["verify_ms_per_round"], 1.25, higher_is_better=False))
     return goals
 
 

@@ -2,8 +2,9 @@
 
 Rank 0 lives in the caller's process; the other ranks of its node are spawned processes that loop on "the next
 call", broadcast by rank 0. Ranks on other nodes (a TPLayout of several nodes) are spawned there by a WorkerNode
-(common/engine/worker_node.py) and watched through the rendezvous store (common/engine/node_watch.py). Each call runs on every rank in the same order, so all ranks keep identical block
-tables; only the method name and its (small) arguments cross the process boundary, never tensors.
+(common/engine/worker_node.py) and watched through the rendezvous store (common/engine/node_watch.py). Each call
+runs on every rank in the same order, so all ranks keep identical block tables; only the method name and its
+(small) arguments cross the process boundary, never tensors.
 A RankWatch on each side turns the death of a peer into one report (`on_rank_loss`) and fails every later call
 with TPRankLostError, instead of leaving rank 0 to a collective that may never return.
 """

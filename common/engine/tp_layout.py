@@ -118,7 +118,8 @@ def group_terms(config) -> dict[str, object]:
     model = ModelConfig.from_pretrained(config.model)
     return {"model": model_fingerprint(config.model), "dtype": config.dtype, "tp": config.tp_size,
             "device": config.device.split(":")[0], "block_size": config.block_size,
-            "num_kv_blocks": config.resolved_num_kv_blocks(model), "max_model_len": config.resolved_max_model_len(model),
+            "num_kv_blocks": config.resolved_num_kv_blocks(model),
+            "max_model_len": config.resolved_max_model_len(model),
             "max_num_seqs": config.max_num_seqs, "batch_invariant": config.batch_invariant,
             "cpu_prepack": config.cpu_prepack, "prefix_cache": config.prefix_cache is not None}
 

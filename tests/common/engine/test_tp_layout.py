@@ -18,7 +18,8 @@ def test_ranks_are_numbered_node_by_node():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"world_size": 3, "nnodes": 2, "rdzv_endpoint": "h:1"}, "tp=3 ranks do not split evenly over nnodes=2"),
-    ({"world_size": 2, "nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, r"node_rank=2: must be in \[0, nnodes=2\)"),
+    ({"world_size": 2, "nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"},
+     r"node_rank=2: must be in \[0, nnodes=2\)"),
     ({"world_size": 2, "nnodes": 2}, "nnodes=2: rdzv_endpoint .* is required"),
     ({"world_size": 2, "nnodes": 2, "rdzv_endpoint": "h"}, "rdzv_endpoint='h': must be host:port"),
     ({"world_size": 2, "nnodes": 2, "rdzv_endpoint": "h:70000"}, r"port in \[1, 65535\]"),
