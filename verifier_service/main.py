@@ -143,6 +143,7 @@ async def serve_worker_node(args, layout, config) -> None:
     host = ServiceHost(server_config(args), [])
     node = WorkerNode(config, layout, on_loss=lambda reason: exit_lost(host, reason))
     loop = asyncio.get_running_loop()
+    watching: list[asyncio.Task] = []                  # the event loop keeps only weak references to tasks
 
     async def ended():
         await loop.run_in_executor(None, node.wait)
@@ -152,7 +153,7 @@ async def serve_worker_node(args, layout, config) -> None:
 
     async def warm_up():
         await loop.run_in_executor(None, node.wait_ready)
-        loop.create_task(ended())
+        watching.append(loop.create_task(ended()))
 
     async def drained():
         if not await loop.run_in_executor(None, node.wait, args.grace_s + 5):
