@@ -37,7 +37,7 @@ protos: install
 	$(PY) scripts/gen_protos.py
 
 test: install system-deps models
-	$(PY) -m pytest -q --durations=10
+	$(PY) -m pytest -q --durations=30
 
 # Tests that need no real checkpoint (seconds, not minutes).
 test-fast: install system-deps
