@@ -98,8 +98,8 @@ def replicas(args, target, draft, ids, logs) -> list[dict]:
                     print(f"K={k} {gw} replica(s) rep {rep}: {sum(len(r.token_ids) for r in replies) / wall:.2f} "
                           f"tok/s", flush=True)
             for gw, c in cells.items():
-                routed = {r.rsplit(":", 1)[-1] == str(ports["verifier-a"]) and "A" or "B": int(v)
-                          for r, v in c["routed"].items() if v}
+                a_address = f"127.0.0.1:{ports['verifier-a']}"
+                routed = {"A" if replica == a_address else "B": int(v) for replica, v in c["routed"].items() if v}
                 total = sum(routed.values()) or 1
                 rows.append({"part": "replicas", "k": str(k), "replicas": 1 if gw == "one" else 2,
                              "concurrency": args.concurrency, "tokens_per_s": c["tokens"] / c["wall"],

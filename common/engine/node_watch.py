@@ -141,15 +141,14 @@ class NodeWatch:
                 continue
             if reason is not None and not self._stopped.is_set():
                 node, why = reason
-                first = node * self._layout.nproc_per_node
-                last = first + self._layout.nproc_per_node - 1
-                self.lost_rank = first
-                self.lost_reason = (f"node {node} of {self._layout.nnodes} (tensor-parallel ranks {first}-{last}) "
-                                    f"lost: {why}")
+                ranks = self._layout.ranks_of(node)
+                self.lost_rank = ranks[0]
+                self.lost_reason = (f"node {node} of {self._layout.nnodes} (tensor-parallel ranks "
+                                    f"{ranks[0]}-{ranks[-1]}) lost: {why}")
                 self._lost.set()
                 log.error("%s: the group is broken", self.lost_reason)
                 try:
-                    self._on_loss(first, self.lost_reason)
+                    self._on_loss(ranks[0], self.lost_reason)
                 except Exception:  # noqa: BLE001
                     log.exception("node-loss handler failed")
                 return

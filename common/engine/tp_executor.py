@@ -51,8 +51,8 @@ def cpu_threads_per_rank(ranks_on_this_node: int) -> int:
     return max(1, cores // ranks_on_this_node)
 
 
-def worker_main(rank: int, config: EngineConfig, init_method: str, ready, timeout_s: float,
-                local_rank: int | None = None, ranks_on_this_node: int | None = None) -> None:
+def worker_main(rank: int, config: EngineConfig, init_method: str, ready, timeout_s: float, local_rank: int,
+                ranks_on_this_node: int) -> None:
     """A spawned rank's process: load its shards, then replay rank 0's calls until shutdown."""
     # A SIGTERM/SIGINT to the process group is rank 0's to handle: it drains, then ends the workers with a
     # shutdown call (a worker dying first would fail the calls still in flight). Rank 0 gone (killed, crashed)
@@ -62,7 +62,7 @@ def worker_main(rank: int, config: EngineConfig, init_method: str, ready, timeou
     RankWatch({0: mp.parent_process().sentinel}, lambda *_: os._exit(1), name=f"specd-tp-rank{rank}-watch")
     if config.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         import torch
-        torch.set_num_threads(cpu_threads_per_rank(ranks_on_this_node or config.tp_size))
+        torch.set_num_threads(cpu_threads_per_rank(ranks_on_this_node))
     try:
         tp = init_tp_group(rank, config.tp_size, init_method, config.device, timeout_s, local_rank)
         runner = ModelRunner(config, tp)
@@ -242,14 +242,15 @@ class TPExecutor:
         self._last_sent = time.monotonic()
 
     def _rank_lost(self, rank: int, exit_code: int | None) -> None:
-        self._loss = self._loss_message(rank, exit_code)
-        # The survivors wait in a collective that cannot complete; ending them also fails rank 0's at once.
-        _kill(self._workers)
-        if self._on_rank_loss is not None:
-            self._on_rank_loss(self._lost_error())
+        self._lose(self._loss_message(rank, exit_code))
 
     def _node_lost(self, rank: int, reason: str) -> None:
-        self._loss = f"tensor-parallel {reason}: the group cannot compute any more and its process must be restarted"
+        self._lose(f"tensor-parallel {reason}: the group cannot compute any more and its process must be restarted")
+
+    def _lose(self, message: str) -> None:
+        """From a watch thread, once: every later call fails with `message`."""
+        self._loss = message
+        # The survivors wait in a collective that cannot complete; ending them also fails rank 0's at once.
         _kill(self._workers)
         if self._on_rank_loss is not None:
             self._on_rank_loss(self._lost_error())

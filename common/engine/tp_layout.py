@@ -53,17 +53,14 @@ class TPLayout:
     def is_driver_node(self) -> bool:
         return self.node_rank == 0
 
-    @property
-    def first_rank(self) -> int:
-        return self.node_rank * self.nproc_per_node
+    def ranks_of(self, node: int) -> range:
+        """The global ranks whose processes node `node` runs."""
+        return range(node * self.nproc_per_node, (node + 1) * self.nproc_per_node)
 
     @property
     def local_ranks(self) -> range:
         """The global ranks whose processes this node runs."""
-        return range(self.first_rank, self.first_rank + self.nproc_per_node)
-
-    def node_of(self, rank: int) -> int:
-        return rank // self.nproc_per_node
+        return self.ranks_of(self.node_rank)
 
     @property
     def host_port(self) -> tuple[str, int]:

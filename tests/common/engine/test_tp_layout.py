@@ -9,7 +9,7 @@ from common.errors import ConfigError
 def test_ranks_are_numbered_node_by_node():
     layout = TPLayout(world_size=8, nnodes=2, node_rank=1, rdzv_endpoint="verifier-0.verifier-tp:29400")
     assert layout.nproc_per_node == 4 and list(layout.local_ranks) == [4, 5, 6, 7]
-    assert layout.node_of(5) == 1 and layout.node_of(3) == 0 and not layout.is_driver_node
+    assert list(layout.ranks_of(0)) == [0, 1, 2, 3] and not layout.is_driver_node
     assert layout.host_port == ("verifier-0.verifier-tp", 29400)
     assert layout.init_method == "tcp://verifier-0.verifier-tp:29400"
     one = TPLayout(world_size=2)
