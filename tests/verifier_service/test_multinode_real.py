@@ -16,11 +16,16 @@ PROMPTS = [("def fizzbuzz(n):\n", False), ("Write a Python function that merges 
 MAX_TOKENS = 32
 
 
-def test_real_pair_with_tp2_across_two_nodes_equals_one_rank(real_models, tmp_path):
-    target, draft = str(real_models["target"]), str(real_models["draft"])
+def _target_only(target: str) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts' ids and their in-process TP=1 greedy output; the model is freed on return (no name keeps it)."""
     with LLM(target, dtype="float32", kv_cache_memory_gib=0.25) as llm:
         ids = [encode_prompt(llm.tokenizer, text, chat) for text, chat in PROMPTS]
-        expected = [o.token_ids for o in llm.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
+        return ids, [o.token_ids for o in llm.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))]
+
+
+def test_real_pair_with_tp2_across_two_nodes_equals_one_rank(real_models, tmp_path):
+    target, draft = str(real_models["target"]), str(real_models["draft"])
+    ids, expected = _target_only(target)
     release_memory()                                      # one copy of the target at a time
     env = {"SPECD_KV_CACHE_GIB": "0.125", "OMP_NUM_THREADS": "1"}    # a core per "node" on a 2-core machine
     with LocalTopology(target, draft, tp=2, nnodes=2, dtype="float32", ports=(free_port(), free_port(), free_port()),
