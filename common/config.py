@@ -213,6 +213,8 @@ class EngineConfig:
     # speculation then equals bf16 target-only bit for bit. CPU only.
     batch_invariant: bool = False
     prefix_cache: PrefixCacheConfig | None = None   # None: every prefill is computed
+    # Weight-only quantization of the matmul weights (common/layers/quantization.py): "none" | "int8" | "int4".
+    quantization: str = "none"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -233,6 +235,11 @@ class EngineConfig:
             raise ConfigError(f"max_num_seqs={self.max_num_seqs}: must be >= 1")
         if self.batch_invariant and self.device != "cpu":
             raise ConfigError(f"batch_invariant=True with device={self.device!r}: measured on CPU kernels only")
+        from common.layers.quantization import check_method
+        check_method(self.quantization)
+        if self.quantization != "none" and self.device != "cpu":
+            raise ConfigError(f"quantization={self.quantization!r} with device={self.device!r}: the quantized "
+                              "kernels are measured on CPU only")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -50,7 +50,8 @@ class LLM:
     def __init__(self, target_path: str, draft_model_path: str | None = None,
                  num_speculative_tokens: int | str = 4, tp_size: int = 1, dtype: str = "bfloat16",
                  device: str = "cpu", k_max: int = 8, kv_cache_memory_gib: float = 1.0,
-                 max_model_len: int | None = None, max_num_seqs: int = 256, batch_invariant: bool = False):
+                 max_model_len: int | None = None, max_num_seqs: int = 256, batch_invariant: bool = False,
+                 quantization: str = "none", draft_quantization: str = "none"):
         if not 0 <= k_max <= 32:
             raise ConfigError(f"k_max={k_max}: must be in [0, 32]")
         self.k_max = k_max
@@ -67,14 +68,15 @@ class LLM:
         self.target = TPExecutor(EngineConfig(model=target_path, dtype=dtype, device=device, tp_size=tp_size,
                                               kv_cache_memory_gib=kv_cache_memory_gib,
                                               max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                              batch_invariant=batch_invariant))
+                                              batch_invariant=batch_invariant, quantization=quantization))
         # n-gram lookup costs nothing to keep around, so it is always offered; the draft model when given.
         self.proposers: dict[str, object] = {"ngram": NgramProposer()}
         if draft_model_path not in (None, "ngram"):
             draft_runner = ModelRunner(EngineConfig(model=draft_model_path, dtype=dtype, device=device,
                                                     kv_cache_memory_gib=kv_cache_memory_gib,
                                                     max_model_len=self.target.runner.max_model_len,
-                                                    max_num_seqs=max_num_seqs))
+                                                    max_num_seqs=max_num_seqs,
+                                                    quantization=draft_quantization))
             if draft_runner.model_config.vocab_size != self.target.model_config.vocab_size:
                 raise ConfigError(f"draft vocab_size={draft_runner.model_config.vocab_size} differs from the "
                                   f"target's {self.target.model_config.vocab_size}")

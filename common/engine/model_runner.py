@@ -59,6 +59,8 @@ class ModelRunner:
             self.model = cls(self.model_config, self.tp, self.max_model_len, self.dtype)
         load_weights(self.model, config.model)
         self.model.eval()
+        if config.quantization != "none":
+            self.model.quantize_weights(config.quantization)
         if self.device.type == "cpu" and config.cpu_prepack:
             self.model.prepack_cpu_weights()
         mc = self.model_config
@@ -82,7 +84,9 @@ class ModelRunner:
         geometry = BlockGeometry(self.dtype, self.block_size, mc.num_layers, mc.num_kv_heads // self.tp.world_size,
                                  mc.head_dim)
         fingerprint = config.prefix_cache.namespace or model_fingerprint(config.model)
-        self._prefix_root = namespace_root(fingerprint, config.dtype, self.block_size, self.tp.rank,
+        # Blocks computed under int4 weights are not a bf16 model's blocks: the quantization is part of the root.
+        numerics = config.dtype if config.quantization == "none" else f"{config.dtype}+{config.quantization}"
+        self._prefix_root = namespace_root(fingerprint, numerics, self.block_size, self.tp.rank,
                                            self.tp.world_size)
         self.prefix_cache = PrefixCache(config.prefix_cache, geometry)
         self._tokens: dict[int, list[int]] = {}         # token ids whose K/V each sequence holds

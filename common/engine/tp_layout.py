@@ -118,7 +118,8 @@ def group_terms(config) -> dict[str, object]:
             "num_kv_blocks": config.resolved_num_kv_blocks(model),
             "max_model_len": config.resolved_max_model_len(model),
             "max_num_seqs": config.max_num_seqs, "batch_invariant": config.batch_invariant,
-            "cpu_prepack": config.cpu_prepack, "prefix_cache": config.prefix_cache is not None}
+            "cpu_prepack": config.cpu_prepack, "prefix_cache": config.prefix_cache is not None,
+            "quantization": config.quantization}
 
 
 def term_differences(mine: dict, driver: dict) -> list[str]:

@@ -8,6 +8,7 @@ from torch import nn
 from common.distributed import TPGroup
 from common.layers.batch_invariant import RowTiled
 from common.layers.cpu_gemm import packed_linear, prepack
+from common.layers.quantization import QuantizedWeight, quantize_shard
 from common.layers.weight_utils import copy_into, narrow_rows, shape_of
 from common.errors import CheckpointError
 
@@ -46,16 +47,23 @@ class ParallelLMHead(RowTiled, VocabParallelEmbedding):
     """logits = h Eᵀ over this rank's vocabulary slice, gathered into the full vocabulary on every rank."""
 
     packed_weight: torch.Tensor | None = None
+    qweight: QuantizedWeight | None = None
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup):
         super().__init__(vocab_size, hidden_size, tp)
         self.in_features, self.out_features = hidden_size, self.rows_per_rank
 
+    # Both keep the plain weight: a tied head shares it with the embedding lookup (the model drops an untied one).
+    def quantize(self, method: str, what: str) -> None:
+        self.qweight = quantize_shard(self.weight.data, method, what)
+
     def prepack(self) -> None:
-        # The plain weight stays: a tied head shares it with the embedding lookup.
-        self.packed_weight = prepack(self.weight.data)
+        if self.qweight is None:
+            self.packed_weight = prepack(self.weight.data)
 
     def matmul(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, rows_per_rank]
+        if self.qweight is not None:
+            return self.qweight.matmul(hidden)
         if self.packed_weight is not None:
             return packed_linear(hidden, self.packed_weight)
         return F.linear(hidden, self.weight)

@@ -8,6 +8,7 @@ from torch import nn
 from common.distributed import TPGroup
 from common.layers.batch_invariant import RowTiled
 from common.layers.cpu_gemm import packed_linear, prepack
+from common.layers.quantization import QuantizedWeight, quantize_shard
 from common.layers.weight_utils import copy_into, narrow_cols, narrow_rows, shape_of
 
 
@@ -24,6 +25,7 @@ class ColumnParallelLinear(RowTiled, nn.Module):
         super().__init__()
         self.tp = tp
         self.packed_weight: torch.Tensor | None = None
+        self.qweight: QuantizedWeight | None = None
         self.output_size_per_rank = _divide(output_size, tp.world_size, "output_size")
         self.in_features, self.out_features = input_size, self.output_size_per_rank
         self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
@@ -38,13 +40,23 @@ class ColumnParallelLinear(RowTiled, nn.Module):
         size = param.shape[0]
         copy_into(param.data, narrow_rows(loaded, self.tp.rank * size, size), "column-parallel shard")
 
+    def quantize(self, method: str, what: str) -> None:
+        """Switch to a weight-only quantized weight (common/layers/quantization.py) and drop the plain copy."""
+        self.qweight = quantize_shard(self.weight.data, method, what)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+
     def prepack(self) -> None:
         """Switch to a oneDNN-packed weight (CPU) and drop the plain copy."""
+        if self.qweight is not None:
+            return
         self.packed_weight = prepack(self.weight.data)
         if self.packed_weight is not None:
             self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            y = self.qweight.matmul(x)
+            return y if self.bias is None else y + self.bias
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -108,6 +120,7 @@ class RowParallelLinear(RowTiled, nn.Module):
         super().__init__()
         self.tp = tp
         self.packed_weight: torch.Tensor | None = None
+        self.qweight: QuantizedWeight | None = None
         self.input_size_per_rank = _divide(input_size, tp.world_size, "input_size")
         self.in_features, self.out_features = self.input_size_per_rank, output_size
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
@@ -122,9 +135,12 @@ class RowParallelLinear(RowTiled, nn.Module):
         size = param.shape[1]
         copy_into(param.data, narrow_cols(loaded, self.tp.rank * size, size), "row-parallel shard")
 
+    quantize = ColumnParallelLinear.quantize
     prepack = ColumnParallelLinear.prepack
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return self.qweight.matmul(x)
         return packed_linear(x, self.packed_weight) if self.packed_weight is not None else F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,9 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+HEAD_METHOD = {"int8": "int8", "int4": "int8"}     # the LM head's quantization under each method
+
+
 class LlamaFamilyForCausalLM(nn.Module):
     # checkpoint name fragment -> (our fused parameter's fragment, shard id)
     packed_modules_mapping = {
@@ -101,13 +104,25 @@ class LlamaFamilyForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def quantize_weights(self, method: str) -> None:
+        """Weight-only quantization of every matmul (common/layers/quantization.py). Under int4 the LM head is
+        int8 (as llama.cpp's Q4_K_M keeps its output tensor at 6 bits): the logits the sampler sees matter most."""
+        for name, module in self.named_modules():
+            if module is not self and hasattr(module, "quantize"):
+                module.quantize(HEAD_METHOD[method] if module is self.lm_head else method, name)
+        self._drop_untied_head()
+
     def prepack_cpu_weights(self) -> None:
         """Pack every matmul weight for oneDNN (CPU only; see common/layers/cpu_gemm.py)."""
         for module in self.modules():
             if module is not self and hasattr(module, "prepack"):
                 module.prepack()
-        if not self.config.tie_word_embeddings and self.lm_head.packed_weight is not None:
-            self.lm_head.weight.data = torch.empty(0, dtype=self.lm_head.weight.dtype)
+        self._drop_untied_head()
+
+    def _drop_untied_head(self) -> None:
+        head = self.lm_head
+        if not self.config.tie_word_embeddings and (head.packed_weight is not None or head.qweight is not None):
+            head.weight.data = torch.empty(0, dtype=head.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, logits_index: torch.Tensor) -> torch.Tensor:

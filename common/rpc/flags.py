@@ -77,6 +77,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=env_default("model", None), help="model folder (SPECD_MODEL)")
     p.add_argument("--dtype", default=env_default("dtype", "bfloat16"), choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=env_default("device", "cpu"))
+    p.add_argument("--quantization", default=env_default("quantization", "none"), choices=["none", "int8", "int4"],
+                   help="weight-only quantization of the matmul weights, activations stay in --dtype (CPU; "
+                        "SPECD_QUANTIZATION)")
     p.add_argument("--k-max", type=int, default=env_default("k_max", 8))
     p.add_argument("--kv-cache-gib", type=float, default=env_default("kv_cache_gib", 1.0))
     p.add_argument("--max-model-len", type=int, default=env_default("max_model_len", 0),

@@ -21,6 +21,10 @@ def add_commands(sub) -> None:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     gen.add_argument("--tp", type=int, default=1)
     gen.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    gen.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                     help="the target's weight-only quantization (activations stay in --dtype)")
+    gen.add_argument("--draft-quantization", default="none", choices=["none", "int8", "int4"],
+                     help="the draft model's weight-only quantization")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, stats")
     gen.add_argument("--gateway", default=None, help="host:port: generate through a running gateway instead")
     add_client_tls_flags(gen)
@@ -49,7 +53,8 @@ def generate_in_process(args) -> int:
                                 max_tokens=args.max_tokens, stop=args.stop or [], seed=args.seed)
         t0 = time.perf_counter()
         with LLM(args.target or str(model_path(TARGET_MODEL)), args.draft, num_speculative_tokens=args.k,
-                 tp_size=args.tp, dtype=args.dtype, k_max=args.k_max) as llm:
+                 tp_size=args.tp, dtype=args.dtype, k_max=args.k_max, quantization=args.quantization,
+                 draft_quantization=args.draft_quantization) as llm:
             if not args.json:
                 print(f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             for prompt in args.prompts:

@@ -98,3 +98,18 @@ def test_bad_prompts(target_only):
         target_only.generate([[1, 500]])
     with pytest.raises(ValueError, match="max_model_len"):
         target_only.generate([[1] * 300])
+
+
+@pytest.mark.parametrize("quantization,draft_quantization", [("int4", "int8"), ("int8", "int4")])
+def test_greedy_speculation_equals_target_only_of_the_same_quantized_target(folders, quantization,
+                                                                            draft_quantization):
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    with LLM(folders["target"], dtype="float32", kv_cache_memory_gib=0.05, quantization=quantization) as llm:
+        expected = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    with LLM(folders["target"], folders["draft"], num_speculative_tokens=4, dtype="float32",
+             kv_cache_memory_gib=0.05, quantization=quantization, draft_quantization=draft_quantization) as llm:
+        outs = llm.generate(PROMPTS, params)
+        assert llm.target.runner.config.quantization == quantization
+        assert llm.draft_runner.config.quantization == draft_quantization
+    assert [o.token_ids for o in outs] == expected
+    assert sum(o.stats.drafted for o in outs) > 0

@@ -78,3 +78,20 @@ def test_kv_exhausted_is_clear_and_changes_nothing(tiny_checkpoints):
 def test_token_outside_vocabulary(runner):
     with pytest.raises(ValueError, match="token id 128 outside the vocabulary \\[0, 128\\)"):
         runner.forward([SequenceChunk(0, [1, 128])])
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_quantized_runner_computes_with_quantized_weights_only(tiny_checkpoints, method):
+    from common.layers.quantization import QuantizedWeight
+    cfg = dict(model=str(tiny_checkpoints["qwen2"]), num_kv_blocks=24, block_size=4)
+    plain, quantized = ModelRunner(EngineConfig(**cfg)), ModelRunner(EngineConfig(**cfg, quantization=method))
+    layers = [m for m in quantized.model.modules() if hasattr(m, "qweight")]
+    assert len(layers) == 2 * 4 + 1                     # qkv, o, gate_up, down per layer, and the head
+    assert all(isinstance(m.qweight, QuantizedWeight) for m in layers)
+    assert {m.qweight.method for m in layers if m is not quantized.model.lm_head} == {method}
+    assert quantized.model.lm_head.qweight.method == "int8"          # the head stays int8 under int4
+    assert all(m.weight.numel() == 0 for m in layers if m is not quantized.model.lm_head)   # no plain copy kept
+    ids = _ids(12, 5)
+    [a], [b] = plain.forward([SequenceChunk(0, ids)]).logits, quantized.forward([SequenceChunk(0, ids)]).logits
+    assert not torch.equal(a, b)                        # really another model...
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98      # ...close to the original

@@ -29,9 +29,12 @@ def _script(ex):
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])   # llama: tied head over a vocab-parallel embedding
-def test_tp2_matches_tp1(arch, tiny_checkpoints):
-    cfg = dict(model=str(tiny_checkpoints[arch]), num_kv_blocks=32, block_size=4)
+# llama: tied head over a vocab-parallel embedding; int4: each rank quantizes its own shards (common/layers/
+# quantization.py), which equal the slices of the whole: groups of input columns never straddle two ranks
+@pytest.mark.parametrize("arch,quantization", [("qwen2", "none"), ("llama", "none"), ("qwen2", "int4"),
+                                               ("llama", "int4")])
+def test_tp2_matches_tp1(arch, quantization, tiny_checkpoints):
+    cfg = dict(model=str(tiny_checkpoints[arch]), num_kv_blocks=32, block_size=4, quantization=quantization)
     with TPExecutor(EngineConfig(**cfg, tp_size=1)) as ex1:
         ref = _script(ex1)
     with TPExecutor(EngineConfig(**cfg, tp_size=2)) as ex2:

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from common.config import PrefixCacheConfig
-from common.engine.model_runner import SequenceChunk
+from common.config import EngineConfig, PrefixCacheConfig
+from common.engine.model_runner import ModelRunner, SequenceChunk
 from common.kv.block_auth import BlockSigner
 from common.kv.prefix_cache import KEY_PREFIX
 from tests.common.kv.conftest import BS, HMAC_KEY, SYSTEM, _flush, _prefill_and_commit, _runner, _shared
@@ -181,3 +181,20 @@ def test_tensor_parallel_ranks_load_their_own_shards(ckpt, reference, redis_serv
         torch.testing.assert_close(logits, reference[(9, 8, 7, 6)], rtol=0, atol=1e-4)
     finally:
         third.shutdown()
+
+
+def test_blocks_computed_under_quantized_weights_are_never_served_to_another_quantization(ckpt, redis_server):
+    # The quantization is part of every chain's root: same checkpoint, same dtype, disjoint blocks.
+    cfg = _shared(redis_server, local_mib=16)
+    runners = {q: ModelRunner(EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=64, prefix_cache=cfg,
+                                           quantization=q)) for q in ("none", "int8", "int4")}
+    prompt = SYSTEM + [4, 4, 4]
+    _prefill_and_commit(runners["int4"], 1, prompt)
+    _flush(runners["int4"])
+    assert runners["none"].forward([SequenceChunk(1, prompt)]).cached_tokens == [0]
+    assert runners["int8"].forward([SequenceChunk(1, prompt)]).cached_tokens == [0]
+    again = ModelRunner(EngineConfig(model=ckpt, dtype="float32", num_kv_blocks=64, prefix_cache=cfg,
+                                     quantization="int4"))
+    assert again.forward([SequenceChunk(1, prompt)]).cached_tokens == [2 * BS]   # while int4 itself hits
+    for r in (*runners.values(), again):
+        r.close()

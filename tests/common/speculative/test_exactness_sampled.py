@@ -100,13 +100,15 @@ def _check(samples: np.ndarray, exact) -> list[tuple[str, float, float, float, f
     return [(name, *_gof(obs, p)) for name, (obs, p) in tables.items()]
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.9),
-                                    SamplingParams(temperature=1.0, **PENALTIES)],
-                         ids=["plain", "top_p=0.9", "penalties"])
-def test_speculative_samples_match_the_target_distribution(pair, params):
+@pytest.mark.parametrize("params,quantization", [
+    (SamplingParams(temperature=1.0), ("none", "none")), (SamplingParams(temperature=1.0, top_p=0.9), ("none", "none")),
+    (SamplingParams(temperature=1.0, **PENALTIES), ("none", "none")),
+    (SamplingParams(temperature=1.0), ("int4", "int8"))],       # the target served is the quantized one
+    ids=["plain", "top_p=0.9", "penalties", "int4-target-int8-draft"])
+def test_speculative_samples_match_the_target_distribution(pair, params, quantization):
     target, draft = pair
     with LLM(target, draft, num_speculative_tokens=3, dtype="float32", kv_cache_memory_gib=0.25,
-             max_num_seqs=N + 300) as llm:
+             max_num_seqs=N + 300, quantization=quantization[0], draft_quantization=quantization[1]) as llm:
         exact = _exact(llm, params)
         samples = _samples(llm, params)
         stats = samples.shape
