@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale soak system-deps clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels soak system-deps clean
 
 install: $(STAMP)
 
@@ -111,6 +111,11 @@ bench-wan: install models $(BENCH_STAMP)
 
 bench-scale: install models $(BENCH_STAMP)
 	$(PY) -m bench.scale --plot-python $(BENCH_VENV)/bin/python $(BENCH_SCALE_ARGS)
+
+# One target pass's matmuls for 1..9 rows on each path (fp32, bf16, int8, int4), native and with oneDNN capped to
+# AVX512_CORE_VNNI (a processor without avx512_bf16 or AMX): the verify overhead speculation pays on each.
+bench-kernels: install $(BENCH_STAMP)
+	$(PY) -m bench.kernels --plot-python $(BENCH_VENV)/bin/python $(BENCH_KERNELS_ARGS)
 
 # Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
 SOAK_MINUTES ?= 20

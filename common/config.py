@@ -215,6 +215,9 @@ class EngineConfig:
     prefix_cache: PrefixCacheConfig | None = None   # None: every prefill is computed
     # Weight-only quantization of the matmul weights (common/layers/quantization.py): "none" | "int8" | "int4".
     quantization: str = "none"
+    # Under int4, a GGUF file of the same model whose Q4_K tensors load with their own 4-bit codes
+    # (common/models/gguf_weights.py); the folder still gives config, tokenizer and every other weight.
+    gguf: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -240,6 +243,9 @@ class EngineConfig:
         if self.quantization != "none" and self.device != "cpu":
             raise ConfigError(f"quantization={self.quantization!r} with device={self.device!r}: the quantized "
                               "kernels are measured on CPU only")
+        if self.gguf is not None and self.quantization != "int4":
+            raise ConfigError(f"gguf={self.gguf!r} with quantization={self.quantization!r}: a GGUF's Q4_K codes load "
+                              "exactly only under quantization='int4'")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -51,7 +51,8 @@ class LLM:
                  num_speculative_tokens: int | str = 4, tp_size: int = 1, dtype: str = "bfloat16",
                  device: str = "cpu", k_max: int = 8, kv_cache_memory_gib: float = 1.0,
                  max_model_len: int | None = None, max_num_seqs: int = 256, batch_invariant: bool = False,
-                 quantization: str = "none", draft_quantization: str = "none"):
+                 quantization: str = "none", draft_quantization: str = "none", gguf: str | None = None,
+                 draft_gguf: str | None = None):
         if not 0 <= k_max <= 32:
             raise ConfigError(f"k_max={k_max}: must be in [0, 32]")
         self.k_max = k_max
@@ -68,7 +69,8 @@ class LLM:
         self.target = TPExecutor(EngineConfig(model=target_path, dtype=dtype, device=device, tp_size=tp_size,
                                               kv_cache_memory_gib=kv_cache_memory_gib,
                                               max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                                              batch_invariant=batch_invariant, quantization=quantization))
+                                              batch_invariant=batch_invariant, quantization=quantization,
+                                              gguf=gguf))
         # n-gram lookup costs nothing to keep around, so it is always offered; the draft model when given.
         self.proposers: dict[str, object] = {"ngram": NgramProposer()}
         if draft_model_path not in (None, "ngram"):
@@ -76,7 +78,7 @@ class LLM:
                                                     kv_cache_memory_gib=kv_cache_memory_gib,
                                                     max_model_len=self.target.runner.max_model_len,
                                                     max_num_seqs=max_num_seqs,
-                                                    quantization=draft_quantization))
+                                                    quantization=draft_quantization, gguf=draft_gguf))
             if draft_runner.model_config.vocab_size != self.target.model_config.vocab_size:
                 raise ConfigError(f"draft vocab_size={draft_runner.model_config.vocab_size} differs from the "
                                   f"target's {self.target.model_config.vocab_size}")

@@ -49,7 +49,7 @@ async def serve(args) -> None:
     runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
                                       max_num_seqs=args.max_cached_sequences + 1,
-                                      prefix_cache=prefix_cache_config(args), quantization=args.quantization))
+                                      prefix_cache=prefix_cache_config(args), quantization=args.quantization, gguf=args.gguf))
     drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences,
                       max_queue=args.max_queue)
     metrics.watch_engine(metrics.DRAFT_QUEUE_DEPTH, lambda: drafter.queue_depth, runner.allocator)

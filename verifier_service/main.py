@@ -68,7 +68,8 @@ async def serve(args) -> None:
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, tp_size=args.tp,
                           kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
                           max_num_seqs=args.max_sessions, prefix_cache=prefix_cache_config(args),
-                          batch_invariant=args.batch_invariant, quantization=args.quantization)
+                          batch_invariant=args.batch_invariant, quantization=args.quantization,
+                          gguf=args.gguf)
     if not layout.is_driver_node:
         return await serve_worker_node(args, layout, config)
     tracing = setup_tracing(VERIFIER)

@@ -22,7 +22,8 @@ from common.kv.kv_cache import PagedKVCache
 from common.kv.prefix_cache import PrefixCache
 from common.layers import batch_invariant
 from common.layers.attention import AttentionMetadata
-from common.models.fingerprint import model_fingerprint
+from common.models.fingerprint import model_fingerprint, model_fingerprint_of_file
+from common.models.gguf_weights import GgufCodes
 from common.models.loader import load_weights
 from common.models.registry import model_class
 from common.telemetry.metrics import PREFIX_CACHE_TOKENS
@@ -60,7 +61,10 @@ class ModelRunner:
         load_weights(self.model, config.model)
         self.model.eval()
         if config.quantization != "none":
-            self.model.quantize_weights(config.quantization)
+            gguf = GgufCodes.open(config.gguf) if config.gguf else None
+            self.model.quantize_weights(config.quantization, gguf)
+            if gguf is not None:
+                log.info("%s", gguf.report())
         if self.device.type == "cpu" and config.cpu_prepack:
             self.model.prepack_cpu_weights()
         mc = self.model_config
@@ -86,6 +90,8 @@ class ModelRunner:
         fingerprint = config.prefix_cache.namespace or model_fingerprint(config.model)
         # Blocks computed under int4 weights are not a bf16 model's blocks: the quantization is part of the root.
         numerics = config.dtype if config.quantization == "none" else f"{config.dtype}+{config.quantization}"
+        if config.gguf:
+            numerics += f"+gguf:{model_fingerprint_of_file(config.gguf)}"
         self._prefix_root = namespace_root(fingerprint, numerics, self.block_size, self.tp.rank,
                                            self.tp.world_size)
         self.prefix_cache = PrefixCache(config.prefix_cache, geometry)

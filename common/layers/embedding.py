@@ -54,8 +54,8 @@ class ParallelLMHead(RowTiled, VocabParallelEmbedding):
         self.in_features, self.out_features = hidden_size, self.rows_per_rank
 
     # Both keep the plain weight: a tied head shares it with the embedding lookup (the model drops an untied one).
-    def quantize(self, method: str, what: str) -> None:
-        self.qweight = quantize_shard(self.weight.data, method, what)
+    def quantize(self, method: str, what: str, exact_rows=()) -> None:
+        self.qweight = quantize_shard(self.weight.data, method, what, exact_rows)
 
     def prepack(self) -> None:
         if self.qweight is None:

@@ -40,9 +40,9 @@ class ColumnParallelLinear(RowTiled, nn.Module):
         size = param.shape[0]
         copy_into(param.data, narrow_rows(loaded, self.tp.rank * size, size), "column-parallel shard")
 
-    def quantize(self, method: str, what: str) -> None:
+    def quantize(self, method: str, what: str, exact_rows=()) -> None:
         """Switch to a weight-only quantized weight (common/layers/quantization.py) and drop the plain copy."""
-        self.qweight = quantize_shard(self.weight.data, method, what)
+        self.qweight = quantize_shard(self.weight.data, method, what, exact_rows)
         self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def prepack(self) -> None:

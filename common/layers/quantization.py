@@ -106,16 +106,27 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scales.to(weight.dtype))
 
 
-def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> Int4Weight:
-    """Asymmetric int4 per group of `group` input columns: the group's [min, max] spread over codes 0..15."""
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP, exact_rows=()) -> Int4Weight:
+    """Asymmetric int4 per group of `group` input columns: the group's [min, max] spread over codes 0..15.
+    `exact_rows`: row ranges whose codes are given already (each with .row_start, .codes, .scale, .offset: a GGUF's
+    own Q4_K blocks), used as they are instead of quantizing those rows again."""
+    codes, scale, offset = int4_codes(weight, group)
+    for part in exact_rows:
+        rows = slice(part.row_start, part.row_start + part.codes.shape[0])
+        codes[rows], scale[rows], offset[rows] = part.codes, part.scale, part.offset
+    return int4_from_codes(codes, scale, offset, weight.dtype, group)
+
+
+def int4_codes(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> codes [out, in] int32 in 0..15, and scale, offset [out, in / group] float32 such that
+    w ≈ codes · scale + offset, with scale and zero already rounded to the weight's dtype (the kernel's)."""
     out_features, in_features = weight.shape
     w = weight.float().reshape(out_features, in_features // group, group)   # [out, groups, group]
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)                                  # [out, groups]
     scale = _rounded(((hi - lo) / 15).clamp(min=_TINY), weight.dtype)       # as the kernel will see them
     zero = _rounded(lo + 8 * scale, weight.dtype)
     codes = torch.round((w - zero[..., None]) / scale[..., None] + 8).clamp(0, 15)
-    return int4_from_codes(codes.reshape(out_features, in_features).to(torch.int32), scale, zero - 8 * scale,
-                           weight.dtype, group)
+    return codes.reshape(out_features, in_features).to(torch.int32), scale, zero - 8 * scale
 
 
 _TINY = 2.0 ** -100                 # a floor for the scale of an all-equal row or group (bf16 and fp32 hold it)
@@ -135,9 +146,14 @@ def int4_from_codes(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     return Int4Weight(packed, scales_and_zeros, out_features, in_features, group)
 
 
-def quantize_shard(weight: torch.Tensor, method: str, what: str) -> QuantizedWeight:
-    """This rank's [out, in] shard quantized with `method`; ConfigError naming `what` when its shape cannot be."""
+def quantize_shard(weight: torch.Tensor, method: str, what: str, exact_rows=()) -> QuantizedWeight:
+    """This rank's [out, in] shard quantized with `method`; ConfigError naming `what` when its shape cannot be.
+    `exact_rows`: int4 rows whose codes are given (see quantize_int4)."""
     check_shard(method, weight.shape[0], weight.shape[1], what)
+    if exact_rows:
+        if method != "int4":
+            raise ConfigError(f"{what}: exact rows are int4 codes, the layer is quantized with {method}")
+        return quantize_int4(weight, exact_rows=exact_rows)
     return quantize(weight, method)
 
 

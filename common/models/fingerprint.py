@@ -14,6 +14,18 @@ _SAMPLES = 16
 _SAMPLE_BYTES = 64 * 1024
 
 
+def model_fingerprint_of_file(path: str | Path) -> str:
+    """One weights file's identity (a GGUF), the same way: its size and evenly spaced 64 KiB samples."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(b"specd-file-v1" + struct.pack("<Q", size))
+    with open(path, "rb") as f:
+        for i in range(_SAMPLES):
+            f.seek(max(0, size - _SAMPLE_BYTES) * i // max(1, _SAMPLES - 1))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:32]
+
+
 def model_fingerprint(folder: str | Path) -> str:
     folder = Path(folder)
     h = hashlib.sha256(b"specd-model-v1")

@@ -80,6 +80,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=env_default("quantization", "none"), choices=["none", "int8", "int4"],
                    help="weight-only quantization of the matmul weights, activations stay in --dtype (CPU; "
                         "SPECD_QUANTIZATION)")
+    p.add_argument("--gguf", default=env_default("gguf", None),
+                   help="with --quantization int4: a GGUF file of the same model whose Q4_K tensors load with their "
+                        "own 4-bit codes (`make models` keeps the fetched ones in models/gguf/; SPECD_GGUF)")
     p.add_argument("--k-max", type=int, default=env_default("k_max", 8))
     p.add_argument("--kv-cache-gib", type=float, default=env_default("kv_cache_gib", 1.0))
     p.add_argument("--max-model-len", type=int, default=env_default("max_model_len", 0),

@@ -25,6 +25,9 @@ def add_commands(sub) -> None:
                      help="the target's weight-only quantization (activations stay in --dtype)")
     gen.add_argument("--draft-quantization", default="none", choices=["none", "int8", "int4"],
                      help="the draft model's weight-only quantization")
+    gen.add_argument("--gguf", default=None, help="with --quantization int4: the target's GGUF, whose Q4_K codes "
+                                                  "load as they are")
+    gen.add_argument("--draft-gguf", default=None, help="the same for the draft")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt: text, token_ids, stats")
     gen.add_argument("--gateway", default=None, help="host:port: generate through a running gateway instead")
     add_client_tls_flags(gen)
@@ -54,7 +57,7 @@ def generate_in_process(args) -> int:
         t0 = time.perf_counter()
         with LLM(args.target or str(model_path(TARGET_MODEL)), args.draft, num_speculative_tokens=args.k,
                  tp_size=args.tp, dtype=args.dtype, k_max=args.k_max, quantization=args.quantization,
-                 draft_quantization=args.draft_quantization) as llm:
+                 draft_quantization=args.draft_quantization, gguf=args.gguf, draft_gguf=args.draft_gguf) as llm:
             if not args.json:
                 print(f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
             for prompt in args.prompts:
