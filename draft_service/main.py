@@ -37,6 +37,7 @@ async def serve(args) -> None:
     from common.telemetry import metrics
     from common.telemetry.server_interceptor import server_interceptors
     from common.telemetry.tracing import DRAFT, setup_tracing, shutdown_tracing
+    from common.engine.pass_probe import describe, measure_pass_costs
     from draft_service.drafter import Drafter
     from draft_service.servicer import DraftServicer
 
@@ -49,11 +50,14 @@ async def serve(args) -> None:
     runner = ModelRunner(EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
                                       kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
                                       max_num_seqs=args.max_cached_sequences + 1,
-                                      prefix_cache=prefix_cache_config(args), quantization=args.quantization, gguf=args.gguf))
+                                      prefix_cache=prefix_cache_config(args), quantization=args.quantization,
+                                      gguf=args.gguf))
+    costs = measure_pass_costs(runner, max_tokens=min(9, args.k_max + 1))
+    log.info("draft pass cost over a 1-token pass (tokens: ratio): %s", describe(costs))
     drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences,
                       max_queue=args.max_queue)
     metrics.watch_engine(metrics.DRAFT_QUEUE_DEPTH, lambda: drafter.queue_depth, runner.allocator)
-    info = model_info(args.model, runner, args.dtype, args.device, 1, args.k_max)
+    info = model_info(args.model, runner, args.dtype, args.device, 1, args.k_max, costs)
     draft_pb2_grpc.add_DraftServiceServicer_to_server(DraftServicer(drafter, info), host.server)
     log.info("draft loaded %s in %.1fs", args.model, time.perf_counter() - t0)
 

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 async def serve(args) -> None:
     from common.config import EngineConfig
+    from common.engine.pass_probe import describe, measure_pass_costs
     from common.engine.tp_executor import TPExecutor
     from common.rpc.generated.specd.v1 import verifier_pb2_grpc
     from common.rpc.model_info import model_info
@@ -84,13 +85,15 @@ async def serve(args) -> None:
         exit_lost(host, str(err))
 
     executor = TPExecutor(config, layout=layout, on_rank_loss=on_rank_loss)
+    costs = measure_pass_costs(executor, max_tokens=min(9, args.k_max + 1))   # before the engine drives it
+    log.info("verify pass cost over a 1-token pass (tokens: ratio): %s", describe(costs))
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
                             session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions,
                             max_waiting=args.max_waiting, max_wait_s=args.max_wait_s)
     metrics.watch_engine(metrics.VERIFIER_QUEUE_DEPTH, lambda: engine.queue_depth, executor.allocator)
     metrics.VERIFIER_SESSIONS.set_function(lambda: len(engine.sessions))
     metrics.VERIFIER_WAITING.set_function(lambda: engine.waiting)
-    info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max)
+    info = model_info(args.model, executor.runner, args.dtype, args.device, args.tp, args.k_max, costs)
     servicer = VerifierServicer(engine, info, draining=lambda: host.admission.draining)
     verifier_pb2_grpc.add_VerifierServiceServicer_to_server(servicer, host.server)
     log.info("verifier loaded %s (tp=%d over %d node(s)) in %.1fs", args.model, args.tp, layout.nnodes,

@@ -13,6 +13,10 @@ def add_commands(sub) -> None:
     up.add_argument("--tp", type=int, default=2)
     up.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     up.add_argument("--k", default="auto")
+    up.add_argument("--quantization", default="none", choices=["none", "int8", "int4"],
+                    help="the verifier's weight-only quantization (SPECD_QUANTIZATION)")
+    up.add_argument("--draft-quantization", default="none", choices=["none", "int8", "int4"],
+                    help="the draft service's (its SPECD_QUANTIZATION)")
     up.add_argument("--detach", action="store_true",
                     help="start in the background, return once all are SERVING; `specd down-local` stops them")
     up.add_argument("--state-dir", default=".specd-local", help="--detach: state file (pids, ports) and logs")
@@ -66,6 +70,8 @@ def up_local(args) -> int:
                          log_dir=state_dir / "logs" if args.detach else None, http_port=args.http_port)
     for name, port in metrics.items():
         topo.service_env[name] = {"SPECD_METRICS_PORT": str(port)}
+    topo.service_env["verifier"]["SPECD_QUANTIZATION"] = args.quantization
+    topo.service_env["draft"]["SPECD_QUANTIZATION"] = args.draft_quantization
     if args.detach:
         return _up_detached(topo, args, state_dir)
     print(f"starting redis, verifier (tp={args.tp}), draft and gateway as local processes …", flush=True)

@@ -49,7 +49,7 @@ class SparseDistribution(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "vocab_fingerprint", "vocab_size", "dtype", "device", "tp_size", "max_model_len", "k_max", "eos_token_ids")
+    __slots__ = ("model_id", "vocab_fingerprint", "vocab_size", "dtype", "device", "tp_size", "max_model_len", "k_max", "eos_token_ids", "quantization", "pass_cost_ratio")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class ModelInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     K_MAX_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    PASS_COST_RATIO_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     vocab_fingerprint: str
     vocab_size: int
@@ -68,7 +70,9 @@ class ModelInfo(_message.Message):
     max_model_len: int
     k_max: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_id: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., k_max: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    quantization: str
+    pass_cost_ratio: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, model_id: _Optional[str] = ..., vocab_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., tp_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., k_max: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., quantization: _Optional[str] = ..., pass_cost_ratio: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
