@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner, SequenceChunk
+from common.engine.pass_probe import measure_pass_seconds
 from common.engine.tp_executor import TPExecutor
 from common.errors import ConfigError
 from common.speculative.adaptive_k import AdaptiveK, CostModel
@@ -156,18 +157,13 @@ class LLM:
 
     # ---- adaptive-K calibration ----------------------------------------------------------------------------
     def _calibrate(self, reps: int = 3) -> None:
-        """Measure one draft step and target passes of 1..k_max+1 tokens, so round one already picks K well."""
+        """Measure one draft step and target passes of every length 1..k_max+1, so round one already picks K well:
+        the cost model prices each length as measured (common/speculative/adaptive_k.py says why)."""
         probe = list(range(10, 42))
-        self.target.forward([SequenceChunk(-1, probe)])                 # one 32-token context, prefilled once
-        for n in sorted({1, 3, 5, self.k_max + 1}):
-            for _ in range(reps):
-                t = time.perf_counter()
-                self.target.forward([SequenceChunk(-1, probe[:n], num_logits=n)])
-                dt = time.perf_counter() - t
-                for costs in self.costs.values():
-                    costs.observe_verify(n, dt)
-                self.target.truncate(-1, len(probe))                    # rolled back, as a rejected round is
-        self.target.free(-1)
+        seconds = measure_pass_seconds(self.target, max_tokens=self.k_max + 1, reps=reps)
+        for costs in self.costs.values():
+            for n, s in enumerate(seconds, start=1):
+                costs.observe_verify(n, s)
         if self.draft_runner is not None:
             self.draft_runner.forward([SequenceChunk(-1, probe)])
             for _ in range(reps):

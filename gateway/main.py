@@ -302,7 +302,9 @@ async def serve(args) -> None:
                     f"{v_info.vocab_fingerprint}: refusing to serve")
     eos = frozenset(stop_token_ids(tokenizer, tuple(v_info.eos_token_ids)))
     rounds = RoundRunner(verifiers, draft, eos, v_info.max_model_len, settings,
-                         CostModel(fixed_call_costs=args.k_cost_model == "network"),
+                         # the verifier's own load-time probe of pass lengths (empty from a v1.3 verifier)
+                         CostModel(fixed_call_costs=args.k_cost_model == "network",
+                                   verify_shape=list(v_info.pass_cost_ratio)),
                          stop_check=stop_string_checker(tokenizer), fingerprint=v_info.vocab_fingerprint,
                          verifier_k_max=v_info.k_max, pre_draft=args.pre_draft == "on")
     report = report_cached_tokens(args, bool(auth))

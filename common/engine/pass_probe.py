@@ -13,28 +13,38 @@ import time
 from common.engine.forward_io import SequenceChunk
 
 PROBE_SEQ = -2                          # a sequence id no request uses
-CONTEXT = list(range(10, 42))           # 32 tokens of context, prefilled once
+CONTEXT_TOKENS = 32                     # prefilled once; each measured pass is rolled back to it
 
 
 def measure_pass_costs(engine, max_tokens: int = 9, reps: int = 3) -> list[float]:
-    """[t(n) / t(1) for n = 1..max_tokens] for one sequence on `engine` (a ModelRunner or TPExecutor), each the
-    median of `reps` passes; the probe sequence is rolled back after each pass and freed at the end."""
-    engine.forward([SequenceChunk(PROBE_SEQ, CONTEXT)])
+    """[t(n) / t(1) for n = 1..max_tokens] (see measure_pass_seconds)."""
+    seconds = measure_pass_seconds(engine, max_tokens, reps)
+    return [round(s / seconds[0], 3) for s in seconds]
+
+
+def measure_pass_seconds(engine, max_tokens: int = 9, reps: int = 3) -> list[float]:
+    """[t(n) for n = 1..max_tokens] seconds for one sequence on `engine` (a ModelRunner or TPExecutor), each the
+    median of `reps` passes after 32 tokens of context; the probe sequence is rolled back after each pass and freed
+    at the end."""
+    vocab = engine.model_config.vocab_size
+    tokens = [(10 + i) % vocab for i in range(CONTEXT_TOKENS + max_tokens)]
+    context, passes = tokens[:CONTEXT_TOKENS], tokens[CONTEXT_TOKENS:]
+    engine.forward([SequenceChunk(PROBE_SEQ, context)])
     try:
-        engine.forward([SequenceChunk(PROBE_SEQ, CONTEXT[:max_tokens], num_logits=max_tokens)])   # warm-up
-        engine.truncate(PROBE_SEQ, len(CONTEXT))
+        engine.forward([SequenceChunk(PROBE_SEQ, passes, num_logits=max_tokens)])       # warm-up
+        engine.truncate(PROBE_SEQ, CONTEXT_TOKENS)
         seconds = []
         for n in range(1, max_tokens + 1):
             samples = []
             for _ in range(reps):
                 t = time.perf_counter()
-                engine.forward([SequenceChunk(PROBE_SEQ, CONTEXT[:n], num_logits=n)])
+                engine.forward([SequenceChunk(PROBE_SEQ, passes[:n], num_logits=n)])
                 samples.append(time.perf_counter() - t)
-                engine.truncate(PROBE_SEQ, len(CONTEXT))
+                engine.truncate(PROBE_SEQ, CONTEXT_TOKENS)
             seconds.append(statistics.median(samples))
     finally:
         engine.free(PROBE_SEQ)
-    return [round(s / seconds[0], 3) for s in seconds]
+    return seconds
 
 
 def describe(ratios: list[float]) -> str:

@@ -6,6 +6,14 @@ positions a small K never reaches are not stuck at the prior), one round with K 
 α this is (1 − α^(K+1)) / (1 − α)) and costs K·t_draft + t_verify(K). K = 0 is plain decoding. When K = 0
 wins for a while, one short probe round keeps the acceptance estimates fresh.
 
+The verify pass is priced by its own length, t_verify(n) for n = K + 1 tokens, as measured (an EMA per n), never
+read off a straight line: real curves are not straight. With avx512_bf16 a pass of 2..8 rows costs about one row;
+without it oneDNN's bf16 1-row path is far cheaper than 2 rows (2.5×) and then grows slowly; PyTorch's int4/int8
+kernels are flat to 4 rows and jump at 5 (`make bench-kernels`). A line fitted through such points overprices
+K = 0 on the first curve (the controller drafts where drafting loses) and overprices K = 1..3 on the last (it never
+drafts where drafting wins). A length not measured yet is scaled from the nearest measured one by the verifier's
+own load-time probe (`verify_shape`, ModelInfo.pass_cost_ratio) or, without one, interpolated between neighbours.
+
 Across a network each call also has a fixed cost (round trip, serialization, queueing) that does not grow with K:
 the cost model keeps it apart from per-step compute for both hops (the services report their compute time), so
 a long round trip to the draft makes K = 0 dearer to leave and longer drafts cheaper per token, instead of
@@ -35,6 +43,12 @@ class CostModel:
     pre_draft: bool = False
     smoothing: float = 0.2
     max_jump: float = 4.0                # an observation counts as at most this factor off the running estimate
+    # t(n) / t(1) for passes of n = 1, 2, … tokens, as the verifier measured them at load (ModelInfo.pass_cost_ratio);
+    # empty: unknown
+    verify_shape: list[float] = field(default_factory=list)
+    # Per-token acceptance over every request this engine has served (a slow EMA): a new request's controller starts
+    # from it instead of a fixed prior, so it need not relearn from scratch what the last requests showed.
+    acceptance: float = 0.6
     _verify_obs: dict[int, float] = field(default_factory=dict)   # tokens -> EMA seconds
 
     @property
@@ -62,7 +76,36 @@ class CostModel:
 
     def verify_cost(self, k: int) -> float:
         """Seconds of one verify call of K drafts (+1 token), its fixed call cost included."""
-        return self.verify_call + self.t_verify_base + k * self.t_verify_per_token
+        return self.verify_call + self.verify_compute(k + 1)
+
+    def verify_compute(self, n: int) -> float:
+        """Seconds of a target pass of n tokens: measured where it was, else estimated from the nearest measured
+        length (scaled by verify_shape when known, else along the line between the neighbours)."""
+        obs = self._verify_obs
+        if n in obs:
+            return obs[n]
+        if not obs:
+            return self.t_verify_base + (n - 1) * self.t_verify_per_token
+        shape = self.verify_shape
+        if len(shape) >= n:
+            m = min(obs, key=lambda m: (abs(m - n), m))              # nearest measured length the shape covers
+            if m <= len(shape) and shape[m - 1] > 0:
+                return obs[m] * shape[n - 1] / shape[m - 1]
+        below = [m for m in obs if m < n]
+        above = [m for m in obs if m > n]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return obs[lo] + (obs[hi] - obs[lo]) * (n - lo) / (hi - lo)
+        if above:                                                    # shorter than any measured: never dearer
+            return obs[min(above)]
+        return obs[max(below)] + (n - max(below)) * self._slope()    # longer than any measured: the last slope
+
+    def _slope(self) -> float:
+        pts = sorted(self._verify_obs.items())
+        if len(pts) < 2:
+            return self.t_verify_per_token
+        (n0, t0), (n1, t1) = pts[-2], pts[-1]
+        return max(0.0, (t1 - t0) / (n1 - n0))
 
     def draft_cost(self, k: int) -> float:
         """Seconds of one draft call of K steps (0: no call)."""
@@ -94,7 +137,8 @@ class CostModel:
         return (1 - self.smoothing) * old + self.smoothing * new
 
     def _refit(self) -> None:
-        # least squares line through (tokens, seconds); slope clamped >= 0 (a longer pass is never cheaper)
+        # A summary for the metrics (specd_cost_model_seconds) and the calibrated flag; prices come from
+        # verify_compute. Least squares line through (tokens, seconds); slope clamped >= 0.
         pts = sorted(self._verify_obs.items())
         if len(pts) == 1:
             (n, t), = pts
@@ -118,10 +162,15 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
 
 
 class AdaptiveK:
-    def __init__(self, k_max: int, costs: CostModel, prior: float = 0.6, smoothing: float = 0.25,
-                 probe_every: int = 12):
+    """One request's K controller. While K = 0 wins, one probe round of K = 2 every `probe_every` rounds keeps the
+    acceptance estimates fresh; each probe after which K = 0 still wins doubles the interval (up to
+    `max_probe_every`), since a probe costs where drafting loses, and drafting again resets it."""
+
+    def __init__(self, k_max: int, costs: CostModel, prior: float | None = None, smoothing: float = 0.25,
+                 probe_every: int = 12, max_probe_every: int = 96):
         if not 0 <= k_max <= 32:
             raise ValueError(f"k_max={k_max}: must be in [0, 32]")
+        prior = costs.acceptance if prior is None else prior
         self.k_max = k_max
         self.costs = costs
         self.per_position = [prior] * k_max
@@ -129,7 +178,8 @@ class AdaptiveK:
         self.pooled = prior                  # per-token acceptance over every tested position
         self.min_observations = 4
         self.smoothing = smoothing
-        self.probe_every = probe_every
+        self.probe_every = self.min_probe_every = probe_every
+        self.max_probe_every = max_probe_every
         self._rounds_at_zero = 0
         self.guess_match = prior             # P(the verifier's bonus token == the draft's guess | all K accepted)
         self.guess_observations = 0
@@ -176,9 +226,11 @@ class AdaptiveK:
             self._rounds_at_zero += 1
             if self._rounds_at_zero >= self.probe_every:
                 self._rounds_at_zero = 0
+                self.probe_every = min(self.max_probe_every, self.probe_every * 2)   # the next one waits longer
                 return min(2, k_cap)
         else:
             self._rounds_at_zero = 0
+            self.probe_every = self.min_probe_every
         return best_k
 
     def observe(self, k: int, num_accepted: int) -> None:
@@ -189,3 +241,4 @@ class AdaptiveK:
             self.per_position[i] = (1 - a) * self.per_position[i] + a * hit
             self.observations[i] += 1
             self.pooled = (1 - a / 2) * self.pooled + (a / 2) * hit
+            self.costs.acceptance = (1 - a / 8) * self.costs.acceptance + (a / 8) * hit
