@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import tempfile
@@ -73,6 +74,10 @@ def model_bytes_per_token(model) -> int:
     return total
 
 
+def is_speculative(system: str) -> bool:
+    return system.startswith(("llama.cpp spec", "specd spec"))
+
+
 # ---- specd workers ------------------------------------------------------------------------------------------
 def _specd_worker(config: tuple, paths: dict, threads: int, conn) -> None:
     import resource
@@ -106,7 +111,8 @@ def _specd_worker(config: tuple, paths: dict, threads: int, conn) -> None:
             s = out.stats
             conn.send(("done", {"tokens_per_s": (n - 1) / max(tn - t1, 1e-9), "tokens": out.token_ids,
                                 "drafted": s.drafted, "accepted": s.accepted, "rounds": s.rounds,
-                                "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+                                "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                                "rss_now_gib": _rss_gib(os.getpid(), "VmRSS")}))
         elif kind == "logprobs":                          # teacher-forced next-token log-probs over a fixed text
             ids = llm.tokenizer.encode(QUALITY_TEXT)
             runner = llm.target.runner
@@ -145,9 +151,10 @@ class SpecdWorker:
 
 
 # ---- llama.cpp -----------------------------------------------------------------------------------------------
-def _peak_rss_gib(pid: int) -> float:
+def _rss_gib(pid: int, field: str = "VmHWM") -> float:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory, GiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -216,7 +223,9 @@ def main(argv=None) -> int:
                 print(f"rep {rep} {pname}: " + "  ".join(f"{s} {results[(s, i)][-1]['tokens_per_s']:.2f}"
                                                           for s in systems), flush=True)
         quality = _quality(workers, results, len(prompts))
-        rss = {s: _peak_rss_gib(servers[s]._proc.pid) for s in servers}
+        rss = {s: _rss_gib(servers[s]._proc.pid) for s in servers}
+        rss_now = {s: _rss_gib(servers[s]._proc.pid, "VmRSS") for s in servers}
+        rss_now.update({s: results[(s, len(prompts) - 1)][-1]["rss_now_gib"] for s in workers})
         rss.update({s: max(r[-1]["rss_gib"] for (name, _), r in results.items() if name == s) for s in workers})
     finally:
         for w in workers.values():
@@ -233,9 +242,9 @@ def main(argv=None) -> int:
         row = {"system": s, "median_tokens_per_s": statistics.median(per_prompt),
                "per_prompt": dict(zip((p[0] for p in prompts), per_prompt)),
                "acceptance": accepted / drafted if drafted else None, "drafted": drafted, "accepted": accepted,
-               "rss_gib": rss[s], "weight_gb_per_token": bytes_pt / 1e9,
+               "rss_gib": rss[s], "rss_now_gib": rss_now[s], "weight_gb_per_token": bytes_pt / 1e9,
                "bandwidth_fraction": None, **quality.get(s, {})}
-        if "spec" not in s:
+        if not is_speculative(s):
             row["bandwidth_fraction"] = row["median_tokens_per_s"] * bytes_pt / (bandwidth * 1e9)
         rows.append(row)
     by = {r["system"]: r for r in rows}
@@ -247,11 +256,12 @@ def main(argv=None) -> int:
     print_table(rows, [("system", "system", "s"), ("median_tokens_per_s", "tok/s (median)", ".2f"),
                        ("vs_llama_cpp", "vs llama.cpp", ".2f"), ("acceptance", "acceptance", ".2f"),
                        ("weight_gb_per_token", "GB/token", ".2f"), ("bandwidth_fraction", "of bw limit", ".2f"),
-                       ("rss_gib", "peak RSS GiB", ".2f"), ("agreement_vs_bf16", "greedy = bf16", ".3f"),
+                       ("rss_gib", "peak RSS GiB", ".2f"), ("rss_now_gib", "RSS GiB", ".2f"),
+                       ("agreement_vs_bf16", "greedy = bf16", ".3f"),
                        ("kl_vs_bf16", "KL vs bf16", ".4f")])
     goals = []
     specd_spec = [r for r in rows if r["system"].startswith("specd spec")]
-    if "specd int4" in by:
+    if "specd int4" in by and "llama.cpp" in by:
         goals.append(goal("specd int4 target-only / llama.cpp target-only (Q4_K_M)",
                           by["specd int4"]["median_tokens_per_s"] / llama_only, 1.0))
         goals.append(goal("specd int4 target-only: fraction of the bandwidth limit",
@@ -291,7 +301,7 @@ def _quality(workers: dict, results: dict, num_prompts: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         base = torch.load(workers[ref].logprobs(f"{tmp}/ref.pt"))
         for name in workers:
-            if name == ref or "spec " in name:
+            if name == ref or is_speculative(name):
                 continue
             lp = torch.load(workers[name].logprobs(f"{tmp}/{name.replace(' ', '_')}.pt"))
             kl = (base.exp() * (base - lp)).sum(-1).mean().item()
