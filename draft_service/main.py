@@ -52,7 +52,7 @@ async def serve(args) -> None:
                                       max_num_seqs=args.max_cached_sequences + 1,
                                       prefix_cache=prefix_cache_config(args), quantization=args.quantization,
                                       gguf=args.gguf))
-    costs = measure_pass_costs(runner, max_tokens=min(9, args.k_max + 1))
+    costs = measure_pass_costs(runner, max_tokens=min(9, args.k_max + 1), reps=1)   # ~10 passes at start
     log.info("draft pass cost over a 1-token pass (tokens: ratio): %s", describe(costs))
     drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences,
                       max_queue=args.max_queue)

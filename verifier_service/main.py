@@ -85,7 +85,7 @@ async def serve(args) -> None:
         exit_lost(host, str(err))
 
     executor = TPExecutor(config, layout=layout, on_rank_loss=on_rank_loss)
-    costs = measure_pass_costs(executor, max_tokens=min(9, args.k_max + 1))   # before the engine drives it
+    costs = measure_pass_costs(executor, max_tokens=min(9, args.k_max + 1), reps=1)   # before the engine runs
     log.info("verify pass cost over a 1-token pass (tokens: ratio): %s", describe(costs))
     engine = VerifierEngine(executor, k_max=args.k_max, max_queue=args.max_queue,
                             session_ttl_s=args.session_ttl_s, max_sessions=args.max_sessions,
