@@ -13,7 +13,7 @@ import time
 from common.engine.forward_io import SequenceChunk
 
 PROBE_SEQ = -2                          # a sequence id no request uses
-CONTEXT_TOKENS = 32                     # prefilled once; each measured pass is rolled back to it
+CONTEXT_TOKENS = 32                     # at most: prefilled once; each measured pass is rolled back to it
 
 
 def measure_pass_costs(engine, max_tokens: int = 9, reps: int = 3) -> list[float]:
@@ -27,12 +27,14 @@ def measure_pass_seconds(engine, max_tokens: int = 9, reps: int = 3) -> list[flo
     median of `reps` passes after 32 tokens of context; the probe sequence is rolled back after each pass and freed
     at the end."""
     vocab = engine.model_config.vocab_size
-    tokens = [(10 + i) % vocab for i in range(CONTEXT_TOKENS + max_tokens)]
-    context, passes = tokens[:CONTEXT_TOKENS], tokens[CONTEXT_TOKENS:]
+    # Under one KV block of context: rolling back to it leaves no full block to publish to a prefix cache.
+    n_context = max(1, min(CONTEXT_TOKENS, getattr(engine, "runner", engine).block_size - 1))
+    tokens = [(10 + i) % vocab for i in range(n_context + max_tokens)]
+    context, passes = tokens[:n_context], tokens[n_context:]
     engine.forward([SequenceChunk(PROBE_SEQ, context)])
     try:
         engine.forward([SequenceChunk(PROBE_SEQ, passes, num_logits=max_tokens)])       # warm-up
-        engine.truncate(PROBE_SEQ, CONTEXT_TOKENS)
+        engine.truncate(PROBE_SEQ, n_context)
         seconds = []
         for n in range(1, max_tokens + 1):
             samples = []
@@ -40,7 +42,7 @@ def measure_pass_seconds(engine, max_tokens: int = 9, reps: int = 3) -> list[flo
                 t = time.perf_counter()
                 engine.forward([SequenceChunk(PROBE_SEQ, passes[:n], num_logits=n)])
                 samples.append(time.perf_counter() - t)
-                engine.truncate(PROBE_SEQ, CONTEXT_TOKENS)
+                engine.truncate(PROBE_SEQ, n_context)
             seconds.append(statistics.median(samples))
     finally:
         engine.free(PROBE_SEQ)
