@@ -170,9 +170,8 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The float32 [out, in] weight the kernel computes with (for tests and quality reports)."""
-    eye = torch.eye(qw.in_features, dtype=torch.float32)
     if isinstance(qw, Int8Weight):
         return qw.q.float() * qw.scales.float()[:, None]
     sz = qw.scales_and_zeros.float()                              # [groups, out, 2]
     probe = Int4Weight(qw.packed, sz, qw.out_features, qw.in_features, qw.group)
-    return probe.matmul(eye).T.contiguous()                      # [out, in]
+    return probe.matmul(torch.eye(qw.in_features)).T.contiguous()  # [out, in]: the kernel applied to one-hot rows
