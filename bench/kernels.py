@@ -1,11 +1,12 @@
-"""`make bench-kernels`: what one target pass of 1..9 rows costs on each matmul path (fp32, bf16, int8, int4).
+"""`make bench-kernels`: what one target pass of 1..9 rows costs on each matmul path (fp32, bf16, int8, int4 on
+PyTorch's kernels and on specd's VNNI kernel).
 
 Speculation needs a (K+1)-row verify pass to cost little more than a 1-row decode pass; whether it does depends on
 the processor's matrix instructions and on the kernel. This bench times the matmuls of one whole target pass (every
 layer's qkv, o, gate_up and down projections and the LM head at the real target's shapes, each layer its own random
 weights, so each pass streams the whole model from memory as decoding does) for 1..9 rows on each path. Each
 oneDNN instruction-set cap runs in its own child process (`ONEDNN_MAX_CPU_ISA`: the oneDNN bf16/fp32 kernels follow
-it, PyTorch's own int8/int4 kernels do not). It prints each path's curve relative to its own 1-row pass (the verify
+it, PyTorch's own int8/int4 kernels and the VNNI kernel do not). It prints each path's curve relative to its own 1-row pass (the verify
 overhead speculation pays) and its 1-row pass against bf16's (what the bytes buy).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import time
 
 ROWS = tuple(range(1, 10))
-PATHS = ("float32", "bfloat16", "int8", "int4")
+PATHS = ("float32", "bfloat16", "int8/torch", "int4/torch", "int8/vnni", "int4/vnni")   # method/kernel
 # Qwen2.5-Coder-1.5B: hidden 1536, intermediate 8960, 12 query and 2 KV heads of 128, 28 layers, tied 151936 head.
 LAYER_SHAPES = {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960)}
 NUM_LAYERS, HEAD_SHAPE = 28, (151936, 1536)
@@ -31,13 +32,16 @@ def _matmuls(path: str, num_layers: int):
     import torch
     from common.layers.cpu_gemm import packed_linear, prepack
     from common.layers.quantization import quantize
+    from common.models.llama_family import HEAD_METHOD
     dtype = torch.float32 if path == "float32" else torch.bfloat16
     shapes = [s for _ in range(num_layers) for s in LAYER_SHAPES.values()] + [HEAD_SHAPE]
     out = []
     for i, (n, k) in enumerate(shapes):
         w = (torch.randn(n, k) / k ** 0.5).to(dtype)
-        if path in ("int8", "int4"):
-            qw = quantize(w, "int8" if i == len(shapes) - 1 else path)   # the head stays int8 (HEAD_METHOD)
+        if "/" in path:
+            method, kernel = path.split("/")
+            head = i == len(shapes) - 1
+            qw = quantize(w, HEAD_METHOD[method] if head else method, kernel=kernel)
             out.append((qw.matmul, k, qw.nbytes))
         else:
             packed = prepack(w)

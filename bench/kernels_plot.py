@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-COLORS = {"float32": "tab:gray", "bfloat16": "tab:blue", "int8": "tab:orange", "int4": "tab:green"}
+COLORS = {"float32": "tab:gray", "bfloat16": "tab:blue", "int8/torch": "tab:orange", "int4/torch": "tab:green",
+          "int8/vnni": "tab:red", "int4/vnni": "tab:purple"}
 
 
 def main(src: str, dst: str) -> None:
@@ -20,6 +21,7 @@ def main(src: str, dst: str) -> None:
         for r in (r for r in rows if r["isa"] == cap):
             t = {int(k): v for k, v in r["pass_ms"].items()}
             ax.plot(list(t), list(t.values()), marker="o", color=COLORS.get(r["path"]),
+                    ls="-" if r["path"].endswith("vnni") or "/" not in r["path"] else "--",
                     label=f"{r['path']} ({r['weight_gb']:.2f} GB)")
         ax.axvline(5, color="k", lw=0.6, ls=":")
         ax.set_xlabel("rows in the pass (K drafts + 1)")

@@ -22,6 +22,7 @@ from common.kv.kv_cache import PagedKVCache
 from common.kv.prefix_cache import PrefixCache
 from common.layers import batch_invariant
 from common.layers.attention import AttentionMetadata
+from common.layers.quantization import numerics_of
 from common.models.fingerprint import model_fingerprint, model_fingerprint_of_file
 from common.models.gguf_weights import GgufCodes
 from common.models.loader import load_weights
@@ -63,6 +64,8 @@ class ModelRunner:
         if config.quantization != "none":
             gguf = GgufCodes.open(config.gguf) if config.gguf else None
             self.model.quantize_weights(config.quantization, gguf)
+            log.info("weights quantized: %s (kernel chosen for this processor; see bench-kernels)",
+                     numerics_of(config.quantization))
             if gguf is not None:
                 log.info("%s", gguf.report())
         if self.device.type == "cpu" and config.cpu_prepack:
@@ -88,8 +91,10 @@ class ModelRunner:
         geometry = BlockGeometry(self.dtype, self.block_size, mc.num_layers, mc.num_kv_heads // self.tp.world_size,
                                  mc.head_dim)
         fingerprint = config.prefix_cache.namespace or model_fingerprint(config.model)
-        # Blocks computed under int4 weights are not a bf16 model's blocks: the quantization is part of the root.
-        numerics = config.dtype if config.quantization == "none" else f"{config.dtype}+{config.quantization}"
+        # Blocks computed under int4 weights are not a bf16 model's blocks: the quantization (and the kernel that
+        # computes it, common/layers/quantization.numerics_of) is part of the root.
+        numerics = config.dtype if config.quantization == "none" else \
+            f"{config.dtype}+{numerics_of(config.quantization)}"
         if config.gguf:
             numerics += f"+gguf:{model_fingerprint_of_file(config.gguf)}"
         self._prefix_root = namespace_root(fingerprint, numerics, self.block_size, self.tp.rank,

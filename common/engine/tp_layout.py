@@ -111,6 +111,7 @@ def group_terms(config) -> dict[str, object]:
     and the numerics. A node whose terms differ from the driver's would compute garbage or diverge its block
     tables, so it is refused before the group serves."""
     from common.config import ModelConfig
+    from common.layers.quantization import numerics_of
     from common.models.fingerprint import model_fingerprint, model_fingerprint_of_file
     model = ModelConfig.from_pretrained(config.model)
     return {"model": model_fingerprint(config.model), "dtype": config.dtype, "tp": config.tp_size,
@@ -119,7 +120,7 @@ def group_terms(config) -> dict[str, object]:
             "max_model_len": config.resolved_max_model_len(model),
             "max_num_seqs": config.max_num_seqs, "batch_invariant": config.batch_invariant,
             "cpu_prepack": config.cpu_prepack, "prefix_cache": config.prefix_cache is not None,
-            "quantization": config.quantization,
+            "quantization": numerics_of(config.quantization),
             "gguf": model_fingerprint_of_file(config.gguf) if config.gguf else None}
 
 

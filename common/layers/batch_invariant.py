@@ -6,8 +6,8 @@ speculative output can drift from target-only output. What varies was measured h
 - **Matmuls.** oneDNN picks its kernel by row count: 1 row takes a matrix-vector path, an odd remainder row a
   different one, so a row's result depends on its neighbours. Padding every call to a multiple of a small row
   tile makes one kernel variant run for every row. The tile is found per weight shape when the mode is switched
-  on (`find_row_tile`: the smallest tile whose outputs are bitwise equal for every row count probed). It is 2 on
-  an AVX-512 EPYC; a machine whose kernels need more gets more, and one whose kernels no tile fixes is refused.
+  on (`find_row_tile`: the smallest tile whose outputs are bitwise equal for every row count probed). It is 2 for
+  oneDNN's bf16 kernels on an AVX-512 EPYC, 1 for the VNNI int4/int8 kernel; a machine whose kernels need more gets more, and one whose kernels no tile fixes is refused.
 - **Attention.** torch's CPU flash kernel blocks queries by their count (32 rows under 192) and keys in blocks of
   512, and a partial block computes in a shape-dependent order. `invariant_attention` feeds it only whole blocks:
   query rows padded to 32-row tiles, keys padded to whole 512-blocks; padding only ever adds masked rows or fully
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from common.errors import ConfigError
 
 KV_BLOCK = 512                     # torch's CPU flash-attention key split: pad key lengths to whole blocks
-ROW_TILES = (2, 4, 8, 16, 32)      # candidate row tiles, cheapest first
+ROW_TILES = (1, 2, 4, 8, 16, 32)   # candidate row tiles, cheapest first (1: a kernel whose rows never interact,
+                                   # as the VNNI one: common/kernels/vnni_gemm.py)
 PROBE_ROWS = (1, 2, 3, 5, 8, 9, 16, 17, 33, 40)
 Q_TILE = 32                        # query rows per flash-kernel block (its split for calls under 192 rows)
 Q_TILES_PER_CALL = 5               # 160 rows per call: the kernel keeps its 32-row split

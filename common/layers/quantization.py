@@ -1,29 +1,42 @@
-"""Weight-only quantization of matmul weights: int8 per output channel, int4 in groups of 32 with zero points.
+"""Weight-only quantization of matmul weights: int8 and int4, each on the kernel this processor runs best.
 
-Decoding is memory-bound: each token reads every weight once, so bytes per weight set the speed. Activations stay
-in the model's dtype (bf16 or fp32); only the weights shrink, and the kernels dequantize as they go. The kernels
-are PyTorch's own CPU kernels, chosen by measurement (bench/kernels.py prints their cost for 1..9 rows):
+Decoding is memory-bound: each token reads every weight once, so bytes per weight set the speed. Norms, the KV
+cache, attention and the sampler stay in the model's dtype; only the matmul weights shrink. Two kernels, chosen
+per processor (`kernel_of`), each with its own layout:
 
-- int8: `torch._weight_int8pack_mm(x, q [N, K] int8, scales [N])`, y = x · (q · scale)ᵀ, symmetric per row of W.
-- int4: `torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/group, N, 2])`, where each
-  weight is w = (q − 8) · scale + zero with q in 0..15 (asymmetric: zero = min + 8 · scale).
+- **vnni** (AVX-512 VNNI: common/kernels/vnni_gemm.py, our own): int4 = Q4_K's form, w = d·sc·q − dmin·mn per
+  group of 32 input columns (8-bit sc, mn; float16 d, dmin per super-block of 256); int8 the same form with byte
+  codes. Activations are quantized to int8 per row and super-block, as llama.cpp does, and the integer dot
+  products run on `vpdpbusd`: a 1-row pass reads the weights at memory speed and a 5-row verify pass costs little
+  more (bench-kernels). A GGUF's Q4_K tensors load into it exactly, codes and scales.
+- **torch** (every other CPU): PyTorch's weight-only kernels with activations in the model's dtype. int8:
+  `torch._weight_int8pack_mm(x, q [N, K] int8, scales [N])`, symmetric per row. int4:
+  `torch._weight_int4pack_mm_for_cpu` with w = (q − 8)·scale + zero per group of 32, scale and zero in the
+  activation dtype (a Q4_K tensor's codes load exactly, its scales round to that dtype).
 
-A group of 32 input columns is the unit GGUF's K-quants use too (Q4_K: 8 sub-blocks of 32 per 256), so a Q4_K
-tensor's own 4-bit codes load into this layout as they are (common/models/gguf_weights.py); only its per-group
-scale and offset are rounded to the activation dtype, the kernel's scale dtype.
+The two compute different numbers, so the kernel is part of the numerics (`numerics_of`): the prefix cache's
+root and a multi-node group's terms include it.
 
 Each tensor-parallel rank quantizes its own shard after loading it: a column-parallel shard splits output rows, a
 row-parallel shard input columns, and `check_shard` makes sure groups never straddle two ranks.
 """
 from __future__ import annotations
 
+import abc
+import functools
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 
 from common.errors import ConfigError
+from common.kernels import vnni_gemm
+
+log = logging.getLogger(__name__)
 
 METHODS = ("none", "int8", "int4")
+KERNELS = ("vnni", "torch")
 INT4_GROUP = 32                     # input columns per int4 scale/zero pair
 INT4_N_MULTIPLE = 16                # the CPU int4 packing wants output rows in multiples of 16
 
@@ -33,8 +46,48 @@ def check_method(method: str, field_name: str = "quantization") -> None:
         raise ConfigError(f"{field_name}={method!r}: must be one of {', '.join(METHODS)}")
 
 
+KERNEL_ENV = "SPECD_QUANT_KERNEL"   # vnni | torch: pin the kernel (spawned ranks and services inherit it)
+
+
+def kernel_of(method: str) -> str:
+    """The kernel `method` runs on in this process: vnni where the processor and the build allow it, else torch;
+    $SPECD_QUANT_KERNEL pins one (ConfigError when it names one this process cannot run)."""
+    if method == "none":
+        return "none"
+    pinned = os.environ.get(KERNEL_ENV, "").strip()
+    if pinned:
+        if pinned not in KERNELS:
+            raise ConfigError(f"{KERNEL_ENV}={pinned!r}: must be one of {', '.join(KERNELS)}")
+        if pinned == "vnni" and not vnni_gemm.available():
+            raise ConfigError(f"{KERNEL_ENV}=vnni: {vnni_gemm.unavailable_reason()}")
+        return pinned
+    if not vnni_gemm.available():
+        _log_fallback_once(vnni_gemm.unavailable_reason())
+        return "torch"
+    return "vnni"
+
+
+@functools.lru_cache(maxsize=1)
+def _log_fallback_once(reason: str) -> None:
+    log.warning("quantized matmuls use PyTorch's kernels: the VNNI kernel is unavailable (%s)", reason)
+
+
+def numerics_of(method: str) -> str:
+    """The quantization as the numbers see it: the method and its kernel (`int4/vnni`), or `none`."""
+    return method if method == "none" else f"{method}/{kernel_of(method)}"
+
+
 def check_shard(method: str, out_features: int, in_features: int, what: str) -> None:
     """Raise ConfigError when a [out, in] weight shard cannot be quantized with `method` (it names the limit)."""
+    if method != "none" and kernel_of(method) == "vnni":
+        if in_features % vnni_gemm.GROUP:
+            raise ConfigError(f"quantization={method}: {what} has {in_features} input columns per rank, not a "
+                              f"multiple of the group size {vnni_gemm.GROUP} (a group would straddle two shards); "
+                              "use another tp_size")
+        if out_features % vnni_gemm.TILE:
+            raise ConfigError(f"quantization={method}: {what} has {out_features} output rows per rank, not a "
+                              f"multiple of {vnni_gemm.TILE} (the VNNI kernel's tile); use another tp_size")
+        return
     if method == "int4":
         if in_features % INT4_GROUP:
             raise ConfigError(f"quantization=int4: {what} has {in_features} input columns per rank, not a "
@@ -45,7 +98,7 @@ def check_shard(method: str, out_features: int, in_features: int, what: str) -> 
                               f"multiple of {INT4_N_MULTIPLE} (the CPU int4 packing); use int8 or another tp_size")
 
 
-class QuantizedWeight:
+class QuantizedWeight(abc.ABC):
     """A [out, in] weight in a packed integer layout; `matmul(x [n, in]) -> [n, out]` in x's dtype."""
     method: str
     out_features: int
@@ -57,6 +110,9 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         raise NotImplementedError
+
+
+QuantizedWeight.register(vnni_gemm.VnniWeight)
 
 
 @dataclass(eq=False)
@@ -150,26 +206,46 @@ def quantize_shard(weight: torch.Tensor, method: str, what: str, exact_rows=()) 
     """This rank's [out, in] shard quantized with `method`; ConfigError naming `what` when its shape cannot be.
     `exact_rows`: int4 rows whose codes are given (see quantize_int4)."""
     check_shard(method, weight.shape[0], weight.shape[1], what)
-    if exact_rows:
-        if method != "int4":
-            raise ConfigError(f"{what}: exact rows are int4 codes, the layer is quantized with {method}")
-        return quantize_int4(weight, exact_rows=exact_rows)
-    return quantize(weight, method)
+    if exact_rows and method != "int4":
+        raise ConfigError(f"{what}: exact rows are int4 codes, the layer is quantized with {method}")
+    return quantize(weight, method, exact_rows)
 
 
-def quantize(weight: torch.Tensor, method: str) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, method: str, exact_rows=(), kernel: str | None = None) -> QuantizedWeight:
+    """`kernel`: vnni or torch; by default the one this processor runs (`kernel_of`)."""
     if weight.device.type != "cpu":
         raise ConfigError(f"quantization={method}: the quantized kernels are measured on CPU only, "
                           f"not on device={weight.device.type!r}")
+    if method not in ("int8", "int4"):
+        raise ConfigError(f"quantization={method!r}: nothing to quantize with (one of int8, int4)")
+    kernel = kernel or kernel_of(method)
+    if kernel not in KERNELS:
+        raise ConfigError(f"kernel={kernel!r}: must be one of {', '.join(KERNELS)}")
+    if kernel == "vnni":
+        if not vnni_gemm.available():
+            raise ConfigError(f"kernel=vnni: {vnni_gemm.unavailable_reason()}")
+        return quantize_vnni(weight, 4 if method == "int4" else 8, exact_rows)
     if method == "int8":
         return quantize_int8(weight)
-    if method == "int4":
-        return quantize_int4(weight)
-    raise ConfigError(f"quantization={method!r}: nothing to quantize with (one of int8, int4)")
+    return quantize_int4(weight, exact_rows=exact_rows)
+
+
+def quantize_vnni(weight: torch.Tensor, bits: int, exact_rows=()) -> vnni_gemm.VnniWeight:
+    """The VNNI kernel's layout; `exact_rows` (4 bits) replace those rows' codes and scales with given ones."""
+    gc = vnni_gemm.quantize_groups(weight, bits)                  # padded columns
+    for part in exact_rows:
+        given = vnni_gemm.pad_groups(part.groups)
+        rows = slice(part.row_start, part.row_start + given.codes.shape[0])
+        for field in ("codes", "sc", "mn", "d", "dmin"):
+            getattr(gc, field)[rows] = getattr(given, field)
+    vnni_gemm.check_superblocks(gc, "quantize_vnni")
+    return vnni_gemm.pack(gc, weight.shape[1])
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The float32 [out, in] weight the kernel computes with (for tests and quality reports)."""
+    if isinstance(qw, vnni_gemm.VnniWeight):
+        return vnni_gemm.unpack(qw).dequantized()[:, :qw.in_features].contiguous()
     if isinstance(qw, Int8Weight):
         return qw.q.float() * qw.scales.float()[:, None]
     sz = qw.scales_and_zeros.float()                              # [groups, out, 2]

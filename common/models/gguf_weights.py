@@ -1,10 +1,11 @@
 """Under int4, load a GGUF's own Q4_K blocks into the int4 kernel's layout: its 4-bit codes as they are.
 
 A Q4_K super-block holds 256 weights as 8 sub-blocks of 32: w = d·sc_s·q − dmin·m_s with q in 0..15, 6-bit sc_s and
-m_s per sub-block and fp16 d, dmin per super-block. Our int4 layout is w = q·scale + offset per group of 32 input
-columns (common/layers/quantization.py), so a sub-block is a group: codes load unchanged, scale = d·sc_s and
-offset = −dmin·m_s (exact in float32; the kernel keeps them in the activation dtype, so under bf16 they round to
-8 bits of mantissa, under float32 they stay exact).
+m_s per sub-block and fp16 d, dmin per super-block. That is the VNNI kernel's own form (common/kernels/
+vnni_gemm.py: 8-bit sc and mn per group of 32, fp16 d and dmin per super-block), so there everything loads
+exactly: codes, sub-scales and scales. PyTorch's int4 kernel (the fallback on other processors) takes
+w = q·scale + offset per group: codes load unchanged, scale = d·sc_s and offset = −dmin·m_s, rounded to the
+activation dtype (8 bits of mantissa under bf16).
 
 Every other GGUF type (Q6_K, Q5_0, Q8_0, …) is requantized: the model folder holds the GGUF dequantized (`make
 models` converts it), and those rows are quantized from there like any checkpoint. `GgufCodes.report()` says which
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from common.errors import CheckpointError, ConfigError
-from common.layers.quantization import INT4_GROUP
+from common.kernels.vnni_gemm import GROUP as INT4_GROUP, GroupCodes
 
 Q4_K_BLOCK_BYTES = 144          # fp16 d, fp16 dmin, 12 bytes of packed 6-bit scales and mins, 128 bytes of nibbles
 Q4_K_WEIGHTS = 256
@@ -37,24 +38,40 @@ PARTS = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "self_attn.o_proj
 
 @dataclass(frozen=True)
 class Int4Rows:
-    """Exact int4 rows for one part of a layer's shard: w = codes · scale + offset."""
+    """Exact int4 rows for one part of a layer's shard: w = d·sc·q − dmin·mn per group of 32."""
     row_start: int                  # first row within the layer's shard
-    codes: torch.Tensor             # [rows, in] int32 in 0..15
-    scale: torch.Tensor             # [rows, in / 32] float32
-    offset: torch.Tensor            # [rows, in / 32] float32
+    groups: GroupCodes              # codes [rows, in] and per-group sc, mn, d, dmin [rows, in / 32]
+
+    @property
+    def codes(self) -> torch.Tensor:            # [rows, in] int32 in 0..15
+        return self.groups.codes.to(torch.int32)
+
+    @property
+    def scale(self) -> torch.Tensor:            # [rows, in / 32] float32
+        return self.groups.d.float() * self.groups.sc.float()
+
+    @property
+    def offset(self) -> torch.Tensor:           # [rows, in / 32] float32
+        return -(self.groups.dmin.float() * self.groups.mn.float())
 
     def dequantized(self) -> torch.Tensor:      # [rows, in] float32
-        return (self.codes.float() * self.scale.repeat_interleave(INT4_GROUP, 1)
-                + self.offset.repeat_interleave(INT4_GROUP, 1))
+        return self.groups.dequantized()
+
+    def columns(self, cols: slice) -> "Int4Rows":
+        """The rows restricted to input columns `cols` (whole groups): a row-parallel rank's shard."""
+        groups = slice(cols.start // INT4_GROUP, cols.stop // INT4_GROUP)
+        g = self.groups
+        return Int4Rows(self.row_start, GroupCodes(*(t[:, s].contiguous() for t, s in (
+            (g.codes, cols), (g.sc, groups), (g.mn, groups), (g.d, groups), (g.dmin, groups))), bits=4))
 
 
-def q4_k_rows(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode Q4_K rows: raw [rows, n_super · 144] uint8 -> codes [rows, n_super · 256] int32, and the scale and
-    offset of each 32-weight sub-block, [rows, n_super · 8] float32."""
+def q4_k_rows(raw: np.ndarray) -> GroupCodes:
+    """Decode Q4_K rows: raw [rows, n_super · 144] uint8 -> codes [rows, n_super · 256] and, per 32-weight
+    sub-block [rows, n_super · 8], its 6-bit sc and mn and its super-block's fp16 d and dmin."""
     rows = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q4_K_BLOCK_BYTES)             # [rows, S, 144]
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)                   # [rows, S, 1]
-    dmin = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    d = blocks[..., 0:2].copy().view(np.float16)                                      # [rows, S, 1]
+    dmin = blocks[..., 2:4].copy().view(np.float16)
     packed = blocks[..., 4:16].astype(np.int32)                                        # [rows, S, 12]
     lo, hi, extra = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
     # sub-blocks 0-3: 6 bits in bytes 0-3 (scales) and 4-7 (mins); 4-7: 4 low bits in bytes 8-11, 2 high bits in
@@ -64,9 +81,15 @@ def q4_k_rows(raw: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     nibbles = blocks[..., 16:].reshape(rows, -1, 4, 32)                                # [rows, S, chunk, 32]
     # chunk c: sub-block 2c in the low nibbles, 2c + 1 in the high ones
     codes = np.stack([nibbles & 15, nibbles >> 4], axis=3).reshape(rows, -1)           # [rows, S · 256]
-    scale = (d * sc.astype(np.float32)).reshape(rows, -1)                              # [rows, S · 8]
-    offset = -(dmin * mn.astype(np.float32)).reshape(rows, -1)
-    return torch.from_numpy(codes.astype(np.int32)), torch.from_numpy(scale), torch.from_numpy(offset)
+
+    def per_group(a: np.ndarray) -> torch.Tensor:                                      # [rows, S, 1] -> [rows, S·8]
+        return torch.from_numpy(np.repeat(a, 8, axis=-1).reshape(rows, -1).copy())
+
+    def small(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.uint8).reshape(rows, -1))
+
+    return GroupCodes(torch.from_numpy(codes.astype(np.uint8)), small(sc), small(mn), per_group(d),
+                      per_group(dmin), bits=4)
 
 
 @dataclass
@@ -116,15 +139,11 @@ class GgufCodes:
                 row_start += size
                 continue
             raw = np.asarray(tensor.data)                                       # [out, bytes], memory-mapped
-            if row_parallel:
-                codes, scale, offset = q4_k_rows(raw)                           # groups never straddle shards
+            if row_parallel:                                                    # groups never straddle shards
                 cols = slice(tp_rank * layer.in_features, (tp_rank + 1) * layer.in_features)
-                groups = slice(cols.start // INT4_GROUP, cols.stop // INT4_GROUP)
-                rows = Int4Rows(row_start, codes[:, cols].contiguous(), scale[:, groups].contiguous(),
-                                offset[:, groups].contiguous())
+                rows = Int4Rows(row_start, q4_k_rows(raw)).columns(cols)
             else:
-                codes, scale, offset = q4_k_rows(raw[tp_rank * size:(tp_rank + 1) * size])
-                rows = Int4Rows(row_start, codes, scale, offset)
+                rows = Int4Rows(row_start, q4_k_rows(raw[tp_rank * size:(tp_rank + 1) * size]))
             out.append(rows)
             self.exact.append(name)
             row_start += size

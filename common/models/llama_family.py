@@ -105,7 +105,8 @@ class LlamaFamilyForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def quantize_weights(self, method: str, gguf=None) -> None:
-        """Weight-only quantization of every matmul (common/layers/quantization.py). Under int4 the LM head is
+        """Quantize every matmul's weights (common/layers/quantization.py; on the VNNI kernel the activations go
+        to int8 inside each matmul, on PyTorch's they stay in the model's dtype). Under int4 the LM head is
         int8 (as llama.cpp's Q4_K_M keeps its output tensor at 6 bits): the logits the sampler sees matter most.
         `gguf` (common/models/gguf_weights.GgufCodes): under int4, its Q4_K tensors' own codes are used."""
         from common.models.gguf_weights import check_matches

@@ -30,10 +30,15 @@ def _script(ex):
 
 
 # llama: tied head over a vocab-parallel embedding; int4: each rank quantizes its own shards (common/layers/
-# quantization.py), which equal the slices of the whole: groups of input columns never straddle two ranks
-@pytest.mark.parametrize("arch,quantization", [("qwen2", "none"), ("llama", "none"), ("qwen2", "int4"),
-                                               ("llama", "int4")])
-def test_tp2_matches_tp1(arch, quantization, tiny_checkpoints):
+# quantization.py). On PyTorch's kernel they equal the slices of the whole (groups of input columns never straddle
+# two ranks, activations stay in float): bit for bit. On the VNNI kernel a row-parallel shard quantizes its
+# activations (and its weights' float16 scales) per super-block of its own columns, so TP=2 agrees with TP=1 to
+# quantization noise (the test's tiny model: ~3% of the largest logit; `bound` below).
+@pytest.mark.parametrize("arch,quantization,kernel,bound", [
+    ("qwen2", "none", "", 1e-4), ("llama", "none", "", 1e-4), ("qwen2", "int4", "torch", 1e-4),
+    ("llama", "int4", "torch", 1e-4), ("qwen2", "int4", "vnni", 0.06), ("llama", "int4", "vnni", 0.06)])
+def test_tp2_matches_tp1(arch, quantization, kernel, bound, tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv("SPECD_QUANT_KERNEL", kernel)
     cfg = dict(model=str(tiny_checkpoints[arch]), num_kv_blocks=32, block_size=4, quantization=quantization)
     with TPExecutor(EngineConfig(**cfg, tp_size=1)) as ex1:
         ref = _script(ex1)
@@ -45,7 +50,7 @@ def test_tp2_matches_tp1(arch, quantization, tiny_checkpoints):
         assert len(out[0].token_ids) == 4 and ex2.allocator.num_free == free_before
     for r, g in zip(ref, got, strict=True):
         assert r.shape == g.shape
-        assert (r - g).abs().max().item() <= 1e-4
+        assert (r - g).abs().max().item() <= bound * max(1.0, r.abs().max().item())
 
 
 def test_tp2_errors_reach_the_caller_and_the_group_keeps_working(tiny_checkpoints):

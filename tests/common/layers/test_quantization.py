@@ -1,11 +1,19 @@
-"""Weight-only int8/int4: the codes round to within half a step, the kernels compute with exactly those weights,
-shards quantize as slices of the whole, and shapes the kernels cannot take are refused by name."""
+"""int8/int4 on both kernels (PyTorch's weight-only ones and our VNNI one): the codes round to within half a step,
+the kernels compute with exactly those weights, shards quantize as slices of the whole, and shapes the kernels
+cannot take are refused by name. The VNNI kernel's own arithmetic is tested in tests/common/kernels."""
 import pytest
 import torch
 
 from common.errors import ConfigError
+from common.kernels import vnni_gemm
 from common.layers.quantization import (INT4_GROUP, Int4Weight, Int8Weight, check_shard, dequantize,
-                                        int4_from_codes, quantize, quantize_shard)
+                                        int4_from_codes, kernel_of, numerics_of, quantize, quantize_shard)
+
+from tests.common.kernels.test_vnni_gemm import HAS_VNNI
+
+# Where the processor has AVX-512 VNNI (this machine, CI's) a failed build of the kernel fails here, never
+# falls back silently; elsewhere only PyTorch's kernels are tested.
+KERNELS = ["torch", "vnni"] if HAS_VNNI else ["torch"]
 
 
 def _weight(out=64, inp=128, seed=0, dtype=torch.float32):
@@ -18,7 +26,7 @@ def _weight(out=64, inp=128, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_rounds_each_weight_to_within_half_a_step_of_its_row_scale(dtype):
     w = _weight(dtype=dtype)
-    qw = quantize(w, "int8")
+    qw = quantize(w, "int8", kernel="torch")
     assert isinstance(qw, Int8Weight) and qw.q.dtype == torch.int8 and qw.scales.dtype == dtype
     step = qw.scales.float()[:, None]                                           # [out, 1]
     err = (dequantize(qw) - w.float()).abs()
@@ -29,7 +37,7 @@ def test_int8_rounds_each_weight_to_within_half_a_step_of_its_row_scale(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group_scale(dtype):
     w = _weight(dtype=dtype)
-    qw = quantize(w, "int4")
+    qw = quantize(w, "int4", kernel="torch")
     assert isinstance(qw, Int4Weight) and qw.scales_and_zeros.shape == (128 // INT4_GROUP, 64, 2)
     step = qw.scales_and_zeros[..., 0].float().T.repeat_interleave(INT4_GROUP, dim=1)    # [out, in]
     err = (dequantize(qw) - w.float()).abs()
@@ -40,13 +48,43 @@ def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group_scale(dtype)
     assert qw.nbytes == w.numel() // 2 + (128 // INT4_GROUP) * 64 * 2 * w.element_size()   # 4 bits + scale, zero
 
 
+@pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("inp", [128, 96, 32])         # 96, 32: an odd number of groups, padded with a zero group
+def test_vnni_codes_round_to_within_half_a_step_and_nothing_clips(bits, inp):
+    w = _weight(inp=inp)
+    qw = quantize(w, "int4" if bits == 4 else "int8", kernel="vnni")
+    assert isinstance(qw, vnni_gemm.VnniWeight) and qw.bits == bits and qw.in_features == inp
+    gc = vnni_gemm.unpack(qw)
+    step = (gc.d.float() * gc.sc.float()).repeat_interleave(INT4_GROUP, 1)[:, :inp]        # [out, in]
+    err = (dequantize(qw) - w).abs()
+    assert (err <= step / 2 * (1 + 1e-3) + 1e-7).all()
+    assert qw.nbytes == 64 * vnni_gemm.padded_columns(inp) * (bits + 8 * 2 / 32) / 8 + \
+        64 * vnni_gemm.padded_columns(inp) // (32 * qw.groups_per_superblock) * 2 * 2
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 2, 5, 9])
-def test_the_kernel_multiplies_by_the_dequantized_weight(method, rows):
+def test_the_kernel_multiplies_by_the_dequantized_weight(kernel, method, rows):
     w = _weight(out=96, inp=64, seed=1)
-    qw = quantize(w, method)
+    qw = quantize(w, method, kernel=kernel)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
-    torch.testing.assert_close(qw.matmul(x), x @ dequantize(qw).T, rtol=1e-4, atol=1e-4)
+    if kernel == "vnni":        # activations go to int8 per row and super-block of columns, as the kernel does
+        s = 32 * qw.groups_per_superblock
+        xs = x.reshape(rows, -1, s).abs().amax(-1, keepdim=True) / 127
+        x_seen = ((x.reshape(rows, -1, s) / xs).round() * xs).reshape(rows, 64)
+        torch.testing.assert_close(qw.matmul(x), x_seen @ dequantize(qw).T, rtol=1e-5, atol=1e-5)
+        assert (qw.matmul(x) - x @ dequantize(qw).T).abs().max() < 0.02 * (x @ dequantize(qw).T).abs().max()
+    else:
+        torch.testing.assert_close(qw.matmul(x), x @ dequantize(qw).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512 VNNI")
+def test_this_processor_runs_the_vnni_kernel_and_the_numerics_name_it():
+    assert vnni_gemm.available(), vnni_gemm.unavailable_reason()
+    assert kernel_of("int4") == "vnni" and numerics_of("int4") == "int4/vnni" and numerics_of("none") == "none"
+    assert isinstance(quantize(_weight(), "int4"), vnni_gemm.VnniWeight)      # the default where it runs
 
 
 def test_int4_from_codes_reproduces_codes_times_scale_plus_offset():
@@ -59,29 +97,33 @@ def test_int4_from_codes_reproduces_codes_times_scale_plus_offset():
     torch.testing.assert_close(dequantize(qw), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_column_parallel_shard_quantizes_as_the_rows_of_the_whole(method):
+def test_a_column_parallel_shard_quantizes_as_the_rows_of_the_whole(kernel, method):
     w = _weight(out=64, inp=64, seed=3)
-    whole = dequantize(quantize(w, method))
+    whole = dequantize(quantize(w, method, kernel=kernel))
     for rank in range(2):
         rows = slice(rank * 32, (rank + 1) * 32)
-        assert torch.equal(dequantize(quantize_shard(w[rows], method, "proj")), whole[rows])
+        assert torch.equal(dequantize(quantize(w[rows], method, kernel=kernel)), whole[rows])
 
 
 def test_a_row_parallel_int4_shard_quantizes_as_the_columns_of_the_whole():
-    # groups run along the input columns and never straddle a shard's edge
+    # groups run along the input columns and never straddle a shard's edge (PyTorch's layout: one scale per group)
     w = _weight(out=32, inp=128, seed=4)
-    whole = dequantize(quantize(w, "int4"))
+    whole = dequantize(quantize(w, "int4", kernel="torch"))
     for rank in range(2):
         cols = slice(rank * 64, (rank + 1) * 64)
-        assert torch.equal(dequantize(quantize_shard(w[:, cols].contiguous(), "int4", "down_proj")), whole[:, cols])
+        assert torch.equal(dequantize(quantize(w[:, cols].contiguous(), "int4", kernel="torch")), whole[:, cols])
 
 
-def test_shapes_the_int4_kernel_cannot_take_are_refused_by_name():
+def test_shapes_the_kernels_cannot_take_are_refused_by_name():
     with pytest.raises(ConfigError, match=r"mlp.down_proj has 48 input columns per rank.*group size 32"):
         check_shard("int4", 64, 48, "mlp.down_proj")
+    with pytest.raises(ConfigError, match=r"mlp.down_proj has 48 input columns per rank.*group size 32"):
+        check_shard("int8", 64, 48, "mlp.down_proj")                           # the VNNI kernel groups int8 too
     with pytest.raises(ConfigError, match=r"self_attn.qkv_proj has 24 output rows per rank.*multiple of 16"):
         quantize_shard(torch.zeros(24, 64), "int4", "self_attn.qkv_proj")
-    check_shard("int8", 24, 48, "any")                                          # int8 takes any shape
     with pytest.raises(ConfigError, match="quantization='int3'"):
         quantize(torch.zeros(16, 32), "int3")
+    with pytest.raises(ConfigError, match="kernel='avx'"):
+        quantize(torch.zeros(16, 32), "int4", kernel="avx")

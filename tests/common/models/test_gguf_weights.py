@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner, SequenceChunk
 from common.errors import CheckpointError, ConfigError
-from common.layers.quantization import dequantize
-from common.models.gguf_weights import Q4_K_BLOCK_BYTES, q4_k_rows
+from common.layers.quantization import dequantize, quantize_vnni
+from common.models.gguf_weights import Q4_K_BLOCK_BYTES, Int4Rows, q4_k_rows
 from tests.checkpoints import build_checkpoint
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
@@ -35,11 +35,21 @@ def reference_dequantize(raw: np.ndarray) -> torch.Tensor:
 
 def test_q4_k_rows_decode_as_the_gguf_reference_does():
     raw = random_q4_k(8, 512, seed=0)
-    codes, scale, offset = q4_k_rows(raw)
-    assert codes.shape == (8, 512) and scale.shape == offset.shape == (8, 16)
-    assert codes.min() >= 0 and codes.max() <= 15
-    ours = codes.float() * scale.repeat_interleave(32, 1) + offset.repeat_interleave(32, 1)
+    gc = q4_k_rows(raw)
+    assert gc.codes.shape == (8, 512) and gc.sc.shape == gc.mn.shape == gc.d.shape == (8, 16)
+    assert gc.codes.max() <= 15 and gc.sc.max() <= 63 and gc.mn.max() <= 63 and gc.d.dtype == torch.float16
+    torch.testing.assert_close(gc.dequantized(), reference_dequantize(raw), rtol=1e-6, atol=1e-7)
+    rows = Int4Rows(0, gc)                      # the PyTorch kernel's form: scale and offset per group
+    ours = rows.codes.float() * rows.scale.repeat_interleave(32, 1) + rows.offset.repeat_interleave(32, 1)
     torch.testing.assert_close(ours, reference_dequantize(raw), rtol=1e-6, atol=1e-7)
+
+
+def test_q4_k_loads_into_the_vnni_layout_exactly():
+    """Codes, 6-bit sub-scales and fp16 scales all land as they are: the kernel computes with the GGUF's weights."""
+    raw = random_q4_k(16, 512, seed=1)
+    gc = q4_k_rows(raw)
+    qw = quantize_vnni(torch.zeros(16, 512), 4, [Int4Rows(0, gc)])
+    assert torch.equal(dequantize(qw), reference_dequantize(raw))
 
 
 @pytest.fixture(scope="module")
