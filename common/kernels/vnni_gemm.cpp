@@ -1,15 +1,15 @@
 // Low-bit weights x 8-bit activations on AVX-512 VNNI: the matmuls of decode and verify passes on a CPU.
 //
-// Weight layout (built by common/kernels/vnni_gemm.py), for W [N, K], N a multiple of 16, K of S = 32 * G, G even:
+// Weight layout (built by common/kernels/vnni_gemm.py), for W [N, K], N a multiple of 16, K of S = 32 * G:
 //   tiles of 16 output rows; in a tile, groups of 32 input columns; a super-block is G groups.
 //   codes [N/16, K/32, BITS * 64] uint8, one group after another; a group is 8 VNNI operands of 16 lanes (one lane
 //         per output row, 4 consecutive columns per lane): operand j holds columns 4j..4j+3.
 //         BITS = 8: operand j is bytes 64j..64j+63.  BITS = 4: byte block j (0..3) holds operand 2j in its low
 //         nibbles and operand 2j + 1 in its high nibbles.
-//   sc [N/16, K/32, 16] uint8: per group and row;  mn [N/16, K/64, 16, 2] uint8: per pair of groups and row, the
-//         two minimums side by side;  d, dmin [N/16, K/S, 16] float16: per super-block and row.
+//   sc, mn [N/16, K/32, 16] uint8: per group and row;  d, dmin [N/16, K/S, 16] float16: per super-block and row.
 //   w = d * sc * q - dmin * mn  with q in 0..2^BITS - 1 (Q4_K's form; 8 bits is the same form with byte codes).
-// Activations are quantized per row and super-block: xq = round(x / xs), xs = max|x| / 127.
+// Activations are quantized per row and group of 32: xq = round(x / xs), xs = max|x| / 127 (llama.cpp's Q8_0;
+// per group rather than per 256 keeps an outlier channel from coarsening its whole super-block).
 // Every output row is computed by one thread over the whole of K in one fixed order, whatever M is: a row's
 // result does not depend on the other rows of the call (batch-invariant by construction).
 #include <torch/extension.h>
@@ -24,38 +24,35 @@ constexpr int kTile = 16;
 constexpr int kGroup = 32;
 constexpr int kPrefetch = 2048;            // bytes of codes fetched ahead of the group in use (measured)
 
+// x [M, K] float -> xq [M, K] int8, and per row and group of 32: xs = max|x| / 127 and bx = xs * sum(xq).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t S, int8_t* xq, float* xs, int16_t* bsum) {
-  const int64_t nb = K / S, ng = K / kGroup;
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* bx) {
+  const int64_t ng = K / kGroup;
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + m * K + b * S;
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < S; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xb + k)));
-      const float a = _mm512_reduce_max_ps(amax);
-      const float scale = a > 0.f ? a / 127.f : 1.f;
-      xs[m * nb + b] = a > 0.f ? scale : 0.f;
-      const __m512 inv = _mm512_set1_ps(1.f / scale);
-      int8_t* qb = xq + m * K + b * S;
-      for (int64_t k = 0; k < S; k += 16) {
-        __m512i q = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(xb + k), inv),
-                                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + k), _mm512_cvtsepi32_epi8(q));
-      }
-      for (int64_t g = 0; g < S / kGroup; ++g) {
-        int32_t s = 0;
-        for (int k = 0; k < kGroup; ++k) s += qb[g * kGroup + k];
-        bsum[m * ng + b * (S / kGroup) + g] = static_cast<int16_t>(s);
-      }
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* xg = x + m * K + g * kGroup;
+      const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
+      const float a = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const float scale = a > 0.f ? a / 127.f : 0.f;
+      const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
+      constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+      const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v0, inv), kRound));
+      const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(v1, inv), kRound));
+      int8_t* qg = xq + m * K + g * kGroup;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qg), _mm512_cvtsepi32_epi8(q0));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + 16), _mm512_cvtsepi32_epi8(q1));
+      xs[m * ng + g] = scale;
+      bx[m * ng + g] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
     }
   }
 }
 
-// Rows [m0, m0 + MB) of one 16-row tile over the whole of K.
+// Rows [m0, m0 + MB) of one 16-row tile over the whole of K: y = sum over groups of
+//   xs * (d * sc) * dot(q, xq) - (dmin * mn) * bx.
 template <int BITS, int MB>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d,
-                      const at::Half* dmin, const int8_t* xq, const float* xs, const int16_t* bsum,
+                      const at::Half* dmin, const int8_t* xq, const float* xs, const float* bx,
                       int64_t K, int G, int64_t m0, float* y, int64_t ldy) {
   constexpr int kGroupBytes = BITS * 64;
   const int64_t nb = K / (kGroup * G), ng = K / kGroup;
@@ -63,8 +60,8 @@ inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn
   __m512 acc[MB];
   for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i isum[MB], msum[MB];
-    for (int r = 0; r < MB; ++r) { isum[r] = _mm512_setzero_si512(); msum[r] = _mm512_setzero_si512(); }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * 16)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmin + b * 16)));
     for (int gi = 0; gi < G; ++gi) {
       const int64_t g = b * G + gi;
       const uint8_t* cg = codes + g * kGroupBytes;
@@ -80,7 +77,10 @@ inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn
       } else {
         for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(cg + 64 * j);
       }
-      const __m512i scv = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16)));
+      const __m512 step = _mm512_mul_ps(dv, _mm512_cvtepi32_ps(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g * 16)))));
+      const __m512 low = _mm512_mul_ps(mv, _mm512_cvtepi32_ps(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * 16)))));
       for (int r = 0; r < MB; ++r) {
         const int32_t* xg = reinterpret_cast<const int32_t*>(xq + (m0 + r) * K + g * kGroup);
         __m512i dot0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(xg[0]));
@@ -89,22 +89,11 @@ inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn
           dot0 = _mm512_dpbusd_epi32(dot0, w[j], _mm512_set1_epi32(xg[j]));
           dot1 = _mm512_dpbusd_epi32(dot1, w[j + 1], _mm512_set1_epi32(xg[j + 1]));
         }
-        isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(_mm512_add_epi32(dot0, dot1), scv));
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot0, dot1)),
+                                            _mm512_set1_ps(xs[(m0 + r) * ng + g]));
+        acc[r] = _mm512_fmadd_ps(scaled, step, acc[r]);
+        acc[r] = _mm512_fnmadd_ps(low, _mm512_set1_ps(bx[(m0 + r) * ng + g]), acc[r]);
       }
-      if (gi & 1) {  // the pair of groups (g - 1, g): minimums times activation sums, two per lane in int16
-        const __m512i mnv = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + (g - 1) * 16)));
-        for (int r = 0; r < MB; ++r) {
-          const int32_t pair = *reinterpret_cast<const int32_t*>(bsum + (m0 + r) * ng + g - 1);
-          msum[r] = _mm512_dpwssd_epi32(msum[r], mnv, _mm512_set1_epi32(pair));
-        }
-      }
-    }
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * 16)));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dmin + b * 16)));
-    for (int r = 0; r < MB; ++r) {
-      const __m512 s = _mm512_set1_ps(xs[(m0 + r) * nb + b]);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(dv, s), acc[r]);
-      acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), _mm512_mul_ps(mv, s), acc[r]);
     }
   }
   for (int r = 0; r < MB; ++r) _mm512_storeu_ps(y + (m0 + r) * ldy, acc[r]);
@@ -115,15 +104,15 @@ constexpr int kRowsPerPass = 4;
 template <int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d, const at::Half* dmin,
-          const int8_t* xq, const float* xs, const int16_t* bsum, int64_t M, int64_t K, int G, float* y,
+          const int8_t* xq, const float* xs, const float* bx, int64_t M, int64_t K, int G, float* y,
           int64_t ldy) {
   int64_t m0 = 0;
   for (; m0 + kRowsPerPass <= M; m0 += kRowsPerPass)
-    tile_rows<BITS, kRowsPerPass>(codes, sc, mn, d, dmin, xq, xs, bsum, K, G, m0, y, ldy);
+    tile_rows<BITS, kRowsPerPass>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy);
   switch (M - m0) {
-    case 3: tile_rows<BITS, 3>(codes, sc, mn, d, dmin, xq, xs, bsum, K, G, m0, y, ldy); break;
-    case 2: tile_rows<BITS, 2>(codes, sc, mn, d, dmin, xq, xs, bsum, K, G, m0, y, ldy); break;
-    case 1: tile_rows<BITS, 1>(codes, sc, mn, d, dmin, xq, xs, bsum, K, G, m0, y, ldy); break;
+    case 3: tile_rows<BITS, 3>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy); break;
+    case 2: tile_rows<BITS, 2>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy); break;
+    case 1: tile_rows<BITS, 1>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy); break;
     default: break;
   }
 }
@@ -143,16 +132,15 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
   TORCH_CHECK(bits == 4 || bits == 8, "vnni_mm: bits=", bits, ", must be 4 or 8");
   TORCH_CHECK(x.dim() == 2, "vnni_mm: x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1), NT = codes.size(0), S = kGroup * G;
-  TORCH_CHECK(G % 2 == 0 && codes.size(1) * kGroup == K && K % S == 0 && codes.size(2) == bits * 64,
+  TORCH_CHECK(codes.size(1) * kGroup == K && K % S == 0 && codes.size(2) == bits * 64,
               "vnni_mm: x has K=", K, ", the weight another shape");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && sc.is_contiguous() &&
               mn.is_contiguous() && d.is_contiguous() && dmin.is_contiguous(), "vnni_mm: bad weight tensors");
   auto xf = x.to(torch::kFloat32).contiguous();
   auto xq = torch::empty({M, K}, xf.options().dtype(torch::kInt8));
-  auto xs = torch::empty({M, K / S}, xf.options());
-  auto bsum = torch::empty({M, K / kGroup}, xf.options().dtype(torch::kInt16));
-  quantize_rows(xf.data_ptr<float>(), M, K, S, xq.data_ptr<int8_t>(), xs.data_ptr<float>(),
-                bsum.data_ptr<int16_t>());
+  auto xs = torch::empty({M, K / kGroup}, xf.options());
+  auto bx = torch::empty({M, K / kGroup}, xf.options());
+  quantize_rows(xf.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), bx.data_ptr<float>());
   auto y = torch::empty({M, NT * kTile}, xf.options());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* scp = sc.data_ptr<uint8_t>();
@@ -161,7 +149,7 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
   const at::Half* dmp = dmin.data_ptr<at::Half>();
   const int8_t* xqp = xq.data_ptr<int8_t>();
   const float* xsp = xs.data_ptr<float>();
-  const int16_t* bp = bsum.data_ptr<int16_t>();
+  const float* bp = bx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t ng = K / kGroup, nb = K / S, ldy = NT * kTile, tile_bytes = ng * bits * 64;
   const int g = static_cast<int>(G);

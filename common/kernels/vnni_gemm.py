@@ -1,17 +1,17 @@
 """4- and 8-bit weights times 8-bit activations on AVX-512 VNNI (`vnni_gemm.cpp`): the CPU decode matmul.
 
 Why our own kernel: decoding reads every weight once per token, and a verify pass reads them once for K+1 rows.
-PyTorch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes to floats and reaches ~64% of the memory
-bandwidth for one row, and a 5-row pass costs 3.3x a 1-row one (bench-kernels): verification is not cheap. This
-kernel does what llama.cpp does for Q4_K: activations are quantized to int8 per row and super-block, and VNNI's
+PyTorch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes to floats and reaches ~60% of the memory
+bandwidth for one row, and a 5-row pass costs ~3x a 1-row one (bench-kernels): verification is not cheap. This
+kernel does what llama.cpp does: activations are quantized to int8 per row and group of 32 (Q8_0's blocks), and VNNI's
 `vpdpbusd` multiplies 64 weight codes by 64 activation bytes in one instruction, so the unpacked weights of a
 group serve every row of the pass. Integer sums are exact, and every output row is computed by one thread over
 the whole of K in a fixed order, so a row's result does not depend on the rows beside it (batch-invariant without
 padding).
 
-Format (per output row, per group of 32 input columns, Q4_K's; K padded to whole pairs of groups): w = d·sc·q − dmin·mn, q in 0..2^bits − 1, `sc`
+Format (per output row, per group of 32 input columns, Q4_K's): w = d·sc·q − dmin·mn, q in 0..2^bits − 1, `sc`
 and `mn` 8-bit integers per group, `d` and `dmin` float16 per super-block of G groups (G = 8, i.e. 256 columns,
-where K allows; else 4 or 2). A Q4_K tensor's blocks (6-bit sc/mn, fp16 d/dmin per 256) are exactly this form.
+where K allows; else 4, 2 or 1). A Q4_K tensor's blocks (6-bit sc/mn, fp16 d/dmin per 256) are exactly this form.
 Bytes per weight: 4 bits + 2·8/32 + 2·16/(32·G) = 4.625 at G = 8 (Q4_K: 4.5); 8 bits: 8.625.
 
 The extension is built on first use with the machine's compiler into torch's extension cache (~30 s once);
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 GROUP = 32                       # input columns per sub-scale
 TILE = 16                        # output rows per VNNI operand (one 32-bit lane each)
-SUPERBLOCK_GROUPS = (8, 4, 2)    # groups per fp16 scale, largest first; G must be even (minimums go in pairs)
-MAX_SUBSCALE = {4: 255, 8: 127}  # 8-bit codes: sc · dot must stay inside int32 over a super-block
+SUPERBLOCK_GROUPS = (8, 4, 2, 1) # groups per fp16 scale, largest first
+MAX_SUBSCALE = 255               # sc and mn are bytes
 SOURCE = Path(__file__).with_name("vnni_gemm.cpp")
 
 
@@ -61,31 +61,9 @@ def unavailable_reason() -> str | None:
     return _extension()[1]
 
 
-def padded_columns(in_features: int) -> int:
-    """K as the kernel sees it: whole pairs of groups. An odd group count gets one all-zero group (zero codes and
-    scales times zero activations: it adds exactly nothing)."""
-    return -(-in_features // (2 * GROUP)) * 2 * GROUP
-
-
 def superblock_groups(in_features: int) -> int:
     """Groups per super-block of a weight with `in_features` columns (a multiple of 32)."""
-    k = padded_columns(in_features)
-    return next(g for g in SUPERBLOCK_GROUPS if k % (GROUP * g) == 0)
-
-
-def pad_groups(gc: "GroupCodes") -> "GroupCodes":
-    """`gc` with its columns padded to `padded_columns` (zero codes, zero scales)."""
-    k = gc.codes.shape[1]
-    extra = padded_columns(k) - k
-    if extra == 0:
-        return gc
-    n, g = gc.codes.shape[0], extra // GROUP
-
-    def more(t: torch.Tensor, cols: int) -> torch.Tensor:
-        return torch.cat([t, t.new_zeros(n, cols)], dim=1)
-
-    return GroupCodes(more(gc.codes, extra), more(gc.sc, g), more(gc.mn, g), more(gc.d, g), more(gc.dmin, g),
-                      gc.bits)
+    return next(g for g in SUPERBLOCK_GROUPS if in_features % (GROUP * g) == 0)
 
 
 @dataclass(frozen=True)
@@ -107,15 +85,14 @@ class GroupCodes:
 def quantize_groups(weight: torch.Tensor, bits: int) -> GroupCodes:
     """Asymmetric per group of 32 over [min(0, lo), max(0, hi)]; the groups' minimums and steps are 8-bit
     multiples of a float16 per super-block, rounded up so that the grid still covers the group (nothing clips);
-    the codes are picked against that rounded grid. The result has `padded_columns` columns."""
-    n, k = weight.shape[0], padded_columns(weight.shape[1])
+    the codes are picked against that rounded grid."""
+    n, k = weight.shape
     g = superblock_groups(k)
-    top, smax = (1 << bits) - 1, MAX_SUBSCALE[bits]
-    w = torch.cat([weight.float(), weight.new_zeros(n, k - weight.shape[1], dtype=torch.float32)], dim=1)
-    w = w.reshape(n, k // GROUP, GROUP)                          # [N, groups, 32]
+    top, smax = (1 << bits) - 1, MAX_SUBSCALE
+    w = weight.float().reshape(n, k // GROUP, GROUP)                          # [N, groups, 32]
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)                # [N, groups]
-    dmin = _per_superblock(-lo, g, 255)                                       # [N, groups] float16
-    mn = _ratio_up(-lo, dmin).clamp(0, 255)
+    dmin = _per_superblock(-lo, g, MAX_SUBSCALE)                                       # [N, groups] float16
+    mn = _ratio_up(-lo, dmin).clamp(0, MAX_SUBSCALE)
     offset = dmin.float() * mn                                                # >= -lo
     step = (hi + offset) / top                                                # covers [-offset, hi]
     d = _per_superblock(step, g, smax)
@@ -144,7 +121,7 @@ class VnniWeight:
     """A [N, K] weight packed for the kernel; `matmul(x [M, K]) -> [M, N]` in x's dtype."""
     codes: torch.Tensor             # [N/16, K/32, bits·64] uint8
     sc: torch.Tensor                # [N/16, K/32, 16] uint8
-    mn: torch.Tensor                # [N/16, K/64, 16, 2] uint8
+    mn: torch.Tensor                # [N/16, K/32, 16] uint8
     d: torch.Tensor                 # [N/16, K/(32G), 16] float16
     dmin: torch.Tensor              # [N/16, K/(32G), 16] float16
     groups_per_superblock: int
@@ -157,9 +134,6 @@ class VnniWeight:
         return "int4" if self.bits == 4 else "int8"
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:   # x [M, K] -> [M, N]
-        extra = self.codes.shape[1] * GROUP - self.in_features
-        if extra:
-            x = torch.cat([x, x.new_zeros(x.shape[0], extra)], dim=1)                 # [M, padded K]
         return _extension()[0].vnni_mm(x, self.codes, self.sc, self.mn, self.d, self.dmin,
                                         self.groups_per_superblock, self.bits)
 
@@ -168,8 +142,8 @@ class VnniWeight:
         return sum(t.nbytes for t in (self.codes, self.sc, self.mn, self.d, self.dmin))
 
 
-def pack(gc: GroupCodes, in_features: int | None = None) -> VnniWeight:
-    """`gc` (padded columns) in the kernel's layout; `in_features`: the weight's own K (default: all columns)."""
+def pack(gc: GroupCodes) -> VnniWeight:
+    """`gc` in the kernel's layout."""
     n, k = gc.codes.shape
     g = superblock_groups(k)
     nt, ng = n // TILE, k // GROUP
@@ -183,30 +157,26 @@ def pack(gc: GroupCodes, in_features: int | None = None) -> VnniWeight:
         a = a[:, ::step]
         return a.reshape(nt, TILE, a.shape[1]).permute(0, 2, 1).contiguous()
 
-    mn = gc.mn.reshape(nt, TILE, ng // 2, 2).permute(0, 2, 1, 3).contiguous()   # [tiles, pairs, 16, 2]
-    return VnniWeight(codes, tiled(gc.sc, 1), mn, tiled(gc.d, g), tiled(gc.dmin, g), g, gc.bits, n,
-                      in_features or k)
+    return VnniWeight(codes, tiled(gc.sc, 1), tiled(gc.mn, 1), tiled(gc.d, g), tiled(gc.dmin, g), g, gc.bits, n, k)
 
 
 def unpack(qw: VnniWeight) -> GroupCodes:
-    """The inverse of `pack` (tests and quality reports): padded columns, as packed."""
-    nt, ng, g = qw.out_features // TILE, qw.codes.shape[1], qw.groups_per_superblock
+    """The inverse of `pack` (tests and quality reports)."""
+    nt, ng, g = qw.out_features // TILE, qw.in_features // GROUP, qw.groups_per_superblock
     c = qw.codes.reshape(nt, ng, -1)
     if qw.bits == 4:
         c = c.reshape(nt, ng, 4, 1, TILE, 4)
         c = torch.cat([c & 15, c >> 4], dim=3)                                 # [tiles, groups, 4, 2, lane, 4]
-    c = c.reshape(nt, ng, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(qw.out_features, ng * GROUP)
+    c = c.reshape(nt, ng, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(qw.out_features, qw.in_features)
 
     def rows(a: torch.Tensor, repeat: int) -> torch.Tensor:         # [tiles, blocks, 16] -> [N, groups]
         return a.permute(0, 2, 1).reshape(qw.out_features, -1).repeat_interleave(repeat, 1)
 
-    mn = qw.mn.permute(0, 2, 1, 3).reshape(qw.out_features, ng)
-    return GroupCodes(c.contiguous(), rows(qw.sc, 1), mn, rows(qw.d, g), rows(qw.dmin, g), qw.bits)
+    return GroupCodes(c.contiguous(), rows(qw.sc, 1), rows(qw.mn, 1), rows(qw.d, g), rows(qw.dmin, g), qw.bits)
 
 
 def check_superblocks(gc: GroupCodes, what: str) -> None:
-    """d and dmin must be one value per super-block (true of our quantizer and of Q4_K's 256-column blocks);
-    `gc` has padded columns."""
+    """d and dmin must be one value per super-block (true of our quantizer and of Q4_K's 256-column blocks)."""
     g = superblock_groups(gc.codes.shape[1])
     for name, t in (("d", gc.d), ("dmin", gc.dmin)):
         blocks = t.reshape(t.shape[0], -1, g)

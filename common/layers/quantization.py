@@ -5,8 +5,8 @@ cache, attention and the sampler stay in the model's dtype; only the matmul weig
 per processor (`kernel_of`), each with its own layout:
 
 - **vnni** (AVX-512 VNNI: common/kernels/vnni_gemm.py, our own): int4 = Q4_K's form, w = d·sc·q − dmin·mn per
-  group of 32 input columns (8-bit sc, mn; float16 d, dmin per super-block of 256); int8 the same form with byte
-  codes. Activations are quantized to int8 per row and super-block, as llama.cpp does, and the integer dot
+  group of 32 input columns (8-bit sc, mn; float16 d, dmin per super-block of 256 columns); int8 the same form with byte
+  codes. Activations are quantized to int8 per row and group of 32, as llama.cpp does, and the integer dot
   products run on `vpdpbusd`: a 1-row pass reads the weights at memory speed and a 5-row verify pass costs little
   more (bench-kernels). A GGUF's Q4_K tensors load into it exactly, codes and scales.
 - **torch** (every other CPU): PyTorch's weight-only kernels with activations in the model's dtype. int8:
@@ -232,20 +232,19 @@ def quantize(weight: torch.Tensor, method: str, exact_rows=(), kernel: str | Non
 
 def quantize_vnni(weight: torch.Tensor, bits: int, exact_rows=()) -> vnni_gemm.VnniWeight:
     """The VNNI kernel's layout; `exact_rows` (4 bits) replace those rows' codes and scales with given ones."""
-    gc = vnni_gemm.quantize_groups(weight, bits)                  # padded columns
+    gc = vnni_gemm.quantize_groups(weight, bits)
     for part in exact_rows:
-        given = vnni_gemm.pad_groups(part.groups)
-        rows = slice(part.row_start, part.row_start + given.codes.shape[0])
+        rows = slice(part.row_start, part.row_start + part.groups.codes.shape[0])
         for field in ("codes", "sc", "mn", "d", "dmin"):
-            getattr(gc, field)[rows] = getattr(given, field)
+            getattr(gc, field)[rows] = getattr(part.groups, field)
     vnni_gemm.check_superblocks(gc, "quantize_vnni")
-    return vnni_gemm.pack(gc, weight.shape[1])
+    return vnni_gemm.pack(gc)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The float32 [out, in] weight the kernel computes with (for tests and quality reports)."""
     if isinstance(qw, vnni_gemm.VnniWeight):
-        return vnni_gemm.unpack(qw).dequantized()[:, :qw.in_features].contiguous()
+        return vnni_gemm.unpack(qw).dequantized()
     if isinstance(qw, Int8Weight):
         return qw.q.float() * qw.scales.float()[:, None]
     sz = qw.scales_and_zeros.float()                              # [groups, out, 2]

@@ -9,7 +9,7 @@ from common.kernels import vnni_gemm
 from common.layers.quantization import (INT4_GROUP, Int4Weight, Int8Weight, check_shard, dequantize,
                                         int4_from_codes, kernel_of, numerics_of, quantize, quantize_shard)
 
-from tests.common.kernels.test_vnni_gemm import HAS_VNNI
+from tests.common.kernels.test_vnni_gemm import HAS_VNNI, quantized_activations
 
 # Where the processor has AVX-512 VNNI (this machine, CI's) a failed build of the kernel fails here, never
 # falls back silently; elsewhere only PyTorch's kernels are tested.
@@ -50,7 +50,7 @@ def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group_scale(dtype)
 
 @pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512 VNNI")
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("inp", [128, 96, 32])         # 96, 32: an odd number of groups, padded with a zero group
+@pytest.mark.parametrize("inp", [128, 96, 32])
 def test_vnni_codes_round_to_within_half_a_step_and_nothing_clips(bits, inp):
     w = _weight(inp=inp)
     qw = quantize(w, "int4" if bits == 4 else "int8", kernel="vnni")
@@ -59,8 +59,7 @@ def test_vnni_codes_round_to_within_half_a_step_and_nothing_clips(bits, inp):
     step = (gc.d.float() * gc.sc.float()).repeat_interleave(INT4_GROUP, 1)[:, :inp]        # [out, in]
     err = (dequantize(qw) - w).abs()
     assert (err <= step / 2 * (1 + 1e-3) + 1e-7).all()
-    assert qw.nbytes == 64 * vnni_gemm.padded_columns(inp) * (bits + 8 * 2 / 32) / 8 + \
-        64 * vnni_gemm.padded_columns(inp) // (32 * qw.groups_per_superblock) * 2 * 2
+    assert qw.nbytes == 64 * inp * (bits + 8 * 2 / 32) / 8 + 64 * inp // (32 * qw.groups_per_superblock) * 2 * 2
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -70,10 +69,8 @@ def test_the_kernel_multiplies_by_the_dequantized_weight(kernel, method, rows):
     w = _weight(out=96, inp=64, seed=1)
     qw = quantize(w, method, kernel=kernel)
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
-    if kernel == "vnni":        # activations go to int8 per row and super-block of columns, as the kernel does
-        s = 32 * qw.groups_per_superblock
-        xs = x.reshape(rows, -1, s).abs().amax(-1, keepdim=True) / 127
-        x_seen = ((x.reshape(rows, -1, s) / xs).round() * xs).reshape(rows, 64)
+    if kernel == "vnni":        # activations go to int8 per row and group of 32, as the kernel does
+        x_seen = quantized_activations(x)
         torch.testing.assert_close(qw.matmul(x), x_seen @ dequantize(qw).T, rtol=1e-5, atol=1e-5)
         assert (qw.matmul(x) - x @ dequantize(qw).T).abs().max() < 0.02 * (x @ dequantize(qw).T).abs().max()
     else:
