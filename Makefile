@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.specd-installed
 
-.PHONY: install kernels models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels bench-peers soak system-deps clean
+.PHONY: install kernels models protos test test-fast demo up-local down-local up down logs bench bench-engine bench-spec bench-services bench-cache bench-serve bench-wan bench-scale bench-kernels bench-peers bench-draft-acceptance bench-serve-peers soak system-deps clean
 
 install: $(STAMP)
 
@@ -131,6 +131,15 @@ bench-kernels: install $(BENCH_STAMP)
 # make bench-peers BENCH_PEERS_ARGS="--reps 1 --prompts 3 --max-tokens 64"
 bench-peers: install models $(BENCH_STAMP)
 	$(PY) -m bench.peers --plot-python $(BENCH_VENV)/bin/python $(BENCH_PEERS_ARGS)
+
+# The serving comparison: aiperf drives specd's HTTP door (int4 pair, K=auto and K=0) and llama-server's (the same
+# GGUFs, target-only and draft-max 3), concurrency 1 and 4 (bench/serve_peers.py).
+bench-serve-peers: install kernels models $(BENCH_STAMP)
+	$(PY) -m bench.serve_peers --aiperf $(BENCH_VENV)/bin/aiperf $(BENCH_SERVE_PEERS_ARGS)
+
+# Acceptance of an int8 / int4 draft against the bf16 draft (int4 target, fixed K=4, the 8 bench prompts).
+bench-draft-acceptance: install kernels models
+	$(PY) -m bench.draft_acceptance $(BENCH_DRAFT_ACCEPTANCE_ARGS)
 
 # Soak (not in CI): the real pair through the gateway under mixed load, draft killed every ~2 min, verifier once.
 SOAK_MINUTES ?= 20

@@ -205,15 +205,18 @@ CHAT_COMPLETION_PATH = "/v1/chat/completions"  # applies the GGUF's chat templat
 
 
 def server_argv(binary: Path, model: Path, port: int, threads: int, draft_model: Path | None = None,
-                draft_max: int = 3, ctx_size: int = SERVER_CTX_SIZE, seed: int = SERVER_SEED) -> list[str]:
-    """llama-server's command line: CPU only, one slot, `threads` for prompt and generation (the draft's too), and
+                draft_max: int = 3, ctx_size: int = SERVER_CTX_SIZE, seed: int = SERVER_SEED,
+                parallel: int = 1) -> list[str]:
+    """llama-server's command line: CPU only, `parallel` slots of `ctx_size` tokens each (one by default),
+    `threads` for prompt and generation (the draft's too), and
     with a draft model greedy draft-simple speculation of exactly `draft_max` tokens a step (no minimum, no
     probability cut-off: `draft_max` is the only knob)."""
     _check_at_least("threads", threads, 1)
     _check_at_least("ctx_size", ctx_size, 64)
+    _check_at_least("parallel", parallel, 1)
     argv = [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--threads", str(threads), "--threads-batch", str(threads), "--ctx-size", str(ctx_size),
-            "--parallel", "1", "--seed", str(seed), "--n-gpu-layers", "0"]
+            "--threads", str(threads), "--threads-batch", str(threads), "--ctx-size", str(ctx_size * parallel),
+            "--parallel", str(parallel), "--seed", str(seed), "--n-gpu-layers", "0"]
     if draft_model is not None:
         _check_at_least("draft_max", draft_max, 1)
         argv += ["--spec-draft-model", str(draft_model), "--spec-type", "draft-simple",
@@ -272,12 +275,13 @@ class LlamaServer:
 
     def __init__(self, bin_dir: Path, model: Path, draft_model: Path | None = None, draft_max: int = 3,
                  threads: int = 2, log_path: Path | None = None,
-                 startup_timeout_s: float = SERVER_STARTUP_TIMEOUT_S):
+                 startup_timeout_s: float = SERVER_STARTUP_TIMEOUT_S, parallel: int = 1):
         self.binary = Path(bin_dir) / "llama-server"
         self.model = Path(model)
         self.draft_model = Path(draft_model) if draft_model is not None else None
         self.port = free_loopback_port()
-        self.argv = server_argv(self.binary, self.model, self.port, threads, self.draft_model, draft_max)
+        self.argv = server_argv(self.binary, self.model, self.port, threads, self.draft_model, draft_max,
+                                parallel=parallel)
         self.log_path = log_path or Path(bin_dir).parent / "logs" / f"llama-server-{self.port}.log"
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
