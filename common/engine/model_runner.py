@@ -301,4 +301,5 @@ class ModelRunner:
         if max_q > 1 or len(set(ctx_lens)) > 1:
             key_pos = torch.arange(max_ctx)                                            # [max_ctx]
             attn_mask = (key_pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)).unsqueeze(1).to(dev)  # [B,1,max_q,max_ctx]
-        return AttentionMetadata(slot_mapping, context_slots.to(dev), attn_mask, query_index, b, max_q)
+        return AttentionMetadata(slot_mapping, context_slots.to(dev), attn_mask, query_index, b, max_q,
+                                 q_pos=q_pos.to(dev))

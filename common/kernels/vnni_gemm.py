@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from common.kernels.build import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +37,9 @@ MAX_SUBSCALE = 255               # sc and mn are bytes
 SOURCE = Path(__file__).with_name("vnni_gemm.cpp")
 
 
-@lru_cache(maxsize=1)
 def _extension():
     """(module, None) or (None, reason)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists() and "avx512_vnni" not in cpuinfo.read_text():      # don't compile for nothing
-        return None, "the processor lacks AVX-512 VNNI"
-    try:
-        from torch.utils.cpp_extension import load
-        module = load("specd_vnni_gemm", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                      extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:                              # no compiler, no ninja, a failed build: say so
-        return None, f"building {SOURCE.name} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
-    if not module.supported():
-        return None, "the processor lacks AVX-512 VNNI"
-    return module, None
+    return load_extension("specd_vnni_gemm", SOURCE, "avx512_vnni")
 
 
 def available() -> bool:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.layers.batch_invariant import invariant_attention
+from common.layers.batch_invariant import paged_invariant_attention, row_kernel_runs
 
 
 @dataclass(slots=True)
@@ -24,8 +24,9 @@ class AttentionMetadata:
     num_seqs: int
     max_q: int
     is_causal_prefill: bool = False     # one sequence, all of it new: plain causal attention, no cache read
-    # Batch-invariant mode (common/layers/batch_invariant.py): the position of each query in the padded layout
-    # (padding rows: 0); context_slots is then padded to whole key blocks and attn_mask is None.
+    # The position of each query in the padded layout (padding rows: 0): specd's row attention kernel reads each
+    # row's keys by it (common/kernels/row_attention.py). In batch-invariant mode (common/layers/batch_invariant.py)
+    # context_slots is padded to whole key blocks and attn_mask is None.
     q_pos: torch.Tensor | None = None   # [num_seqs, max_q]
 
 
@@ -51,17 +52,19 @@ class PagedAttention(nn.Module):
                 is_causal=True, scale=self.scale, enable_gqa=gqa)    # [1, H, T, D]
             return out.squeeze(0).transpose(0, 1).reshape(q.shape[0], -1)
         b, mq = meta.num_seqs, meta.max_q
-        keys = k_flat[meta.context_slots].transpose(1, 2)           # [B, KVH, max_ctx, D]
-        values = v_flat[meta.context_slots].transpose(1, 2)
         if meta.query_index is None:
             q_pad = q.view(b, mq, self.num_heads, self.head_dim)
         else:
             q_pad = q.new_zeros(b * mq, self.num_heads, self.head_dim)
             q_pad[meta.query_index] = q
             q_pad = q_pad.view(b, mq, self.num_heads, self.head_dim)
-        if meta.q_pos is not None:
-            out = invariant_attention(q_pad, keys, values, meta.q_pos, self.scale).reshape(b * mq, -1)  # [B·max_q, H·D]
+        if meta.q_pos is not None and (meta.attn_mask is None or row_kernel_runs(q_pad)):
+            # the row kernel where it runs (faster than the masked flash call too), else the padded flash path
+            out = paged_invariant_attention(q_pad, k_flat, v_flat, meta.context_slots, meta.q_pos,
+                                            self.scale).reshape(b * mq, -1)                   # [B·max_q, H·D]
             return out if meta.query_index is None else out[meta.query_index]
+        keys = k_flat[meta.context_slots].transpose(1, 2)           # [B, KVH, max_ctx, D]
+        values = v_flat[meta.context_slots].transpose(1, 2)
         out = F.scaled_dot_product_attention(q_pad.transpose(1, 2), keys, values, attn_mask=meta.attn_mask,
                                              scale=self.scale, enable_gqa=gqa)  # [B, H, max_q, D]
         out = out.transpose(1, 2).reshape(b * mq, self.num_heads * self.head_dim)

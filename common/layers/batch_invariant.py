@@ -8,11 +8,14 @@ speculative output can drift from target-only output. What varies was measured h
   tile makes one kernel variant run for every row. The tile is found per weight shape when the mode is switched
   on (`find_row_tile`: the smallest tile whose outputs are bitwise equal for every row count probed). It is 2 for
   oneDNN's bf16 kernels on an AVX-512 EPYC, 1 for the VNNI int4/int8 kernel; a machine whose kernels need more gets more, and one whose kernels no tile fixes is refused.
-- **Attention.** torch's CPU flash kernel blocks queries by their count (32 rows under 192) and keys in blocks of
-  512, and a partial block computes in a shape-dependent order. `invariant_attention` feeds it only whole blocks:
-  query rows padded to 32-row tiles, keys padded to whole 512-blocks; padding only ever adds masked rows or fully
-  masked key blocks, which leave each row's online softmax bit for bit unchanged. `check_attention` proves this
-  at switch-on on the machine's own kernels.
+- **Attention.** `paged_invariant_attention` runs specd's own kernel where it can (common/kernels/row_attention.py:
+  every query row computed alone in a fixed order, reading only the keys it sees, straight from the paged cache).
+  Elsewhere it falls back to torch's CPU flash kernel, which blocks queries by their count (32 rows under 192) and
+  keys in blocks of 512, a partial block computing in a shape-dependent order: `invariant_attention` feeds it only
+  whole blocks (query rows padded to 32-row tiles, keys to whole 512-blocks; padding only ever adds masked rows or
+  fully masked key blocks, which leave each row's online softmax bit for bit unchanged). The padding makes a
+  1-token decode step compute 32 x 512 scores per KV head; the kernel computes 1 x its context. `check_attention`
+  proves whichever runs at switch-on on the machine's own kernels.
 - RMSNorm (row-wise reductions), RoPE, SiLU, residual adds and the TP all-reduce (two operands, commutative) do not
   vary with the row count; the tests check the whole model.
 """
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ConfigError
+from common.kernels import row_attention
 
 KV_BLOCK = 512                     # torch's CPU flash-attention key split: pad key lengths to whole blocks
 ROW_TILES = (1, 2, 4, 8, 16, 32)   # candidate row tiles, cheapest first (1: a kernel whose rows never interact,
@@ -88,28 +92,47 @@ def invariant_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return o.reshape(b, kvh, max_q, g, d).permute(0, 2, 1, 3, 4).reshape(b, max_q, h * d)
 
 
+def row_kernel_runs(q: torch.Tensor) -> bool:
+    """Whether specd's row attention kernel serves queries like `q` here (CPU, fp32 or bf16, AVX-512)."""
+    return q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu" and row_attention.available()
+
+
+def paged_invariant_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                              context_slots: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Batch-invariant attention over a paged cache. q [B, max_q, H, D]; k_flat, v_flat [num_slots, KVH, D];
+    context_slots [B, L] the slot of each context position (L a multiple of KV_BLOCK); q_pos [B, max_q]
+    -> [B, max_q, H·D]. specd's row kernel where it runs, else the padded flash path."""
+    if row_kernel_runs(q):
+        return row_attention.row_attention(q, k_flat, v_flat, context_slots, q_pos, scale)
+    keys = k_flat[context_slots].transpose(1, 2)                  # [B, KVH, L, D]
+    values = v_flat[context_slots].transpose(1, 2)
+    return invariant_attention(q, keys, values, q_pos, scale)
+
+
 def padded_key_length(max_ctx: int) -> int:
     return -(-max_ctx // KV_BLOCK) * KV_BLOCK
 
 
 def check_attention(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                     device: torch.device) -> None:
-    """Prove `invariant_attention` row-invariant on this machine's kernels (a verify chunk vs each row alone vs
-    one more padded block, across a block boundary); ConfigError if it is not."""
+    """Prove `paged_invariant_attention` row-invariant on this machine's kernels (a verify chunk vs each row alone
+    vs one more padded block, across a block boundary, the context in scattered cache slots); ConfigError if not."""
     g = torch.Generator().manual_seed(1)
     ctx, q_len = KV_BLOCK + 37, 31                  # 31 queries x the group: more than one call's rows
     length = padded_key_length(ctx)
-    keys = torch.randn(1, num_kv_heads, length + KV_BLOCK, head_dim, generator=g).to(dtype=dtype, device=device)
-    values = torch.randn(keys.shape, generator=g).to(dtype=dtype, device=device)
+    num_slots = length + KV_BLOCK
+    k_flat = torch.randn(num_slots, num_kv_heads, head_dim, generator=g).to(dtype=dtype, device=device)
+    v_flat = torch.randn(k_flat.shape, generator=g).to(dtype=dtype, device=device)
+    slots = torch.randperm(num_slots, generator=g).view(1, -1).to(device)                # [1, positions]
     q = torch.randn(1, q_len, num_heads, head_dim, generator=g).to(dtype=dtype, device=device)
     pos = torch.arange(ctx - q_len, ctx, device=device).view(1, -1)                      # crosses a block edge
-    chunk = invariant_attention(q, keys[:, :, :length], values[:, :, :length], pos, head_dim ** -0.5)
+    scale = head_dim ** -0.5
+    chunk = paged_invariant_attention(q, k_flat, v_flat, slots[:, :length], pos, scale)
     for j in range(q_len):
         own = padded_key_length(int(pos[0, j]) + 1)
-        alone = invariant_attention(q[:, j:j + 1], keys[:, :, :own], values[:, :, :own], pos[:, j:j + 1],
-                                    head_dim ** -0.5)
-        wider = invariant_attention(q[:, j:j + 1], keys[:, :, :own + KV_BLOCK], values[:, :, :own + KV_BLOCK],
-                                    pos[:, j:j + 1], head_dim ** -0.5)
+        alone = paged_invariant_attention(q[:, j:j + 1], k_flat, v_flat, slots[:, :own], pos[:, j:j + 1], scale)
+        wider = paged_invariant_attention(q[:, j:j + 1], k_flat, v_flat, slots[:, :own + KV_BLOCK],
+                                          pos[:, j:j + 1], scale)
         if not (torch.equal(chunk[:, j], alone[:, 0]) and torch.equal(alone, wider)):
             raise ConfigError(f"batch_invariant: attention ({num_heads} heads, {num_kv_heads} KV heads, {dtype}) "
                               "is not row-invariant on this machine's kernels; run without batch_invariant")

@@ -80,3 +80,10 @@ def test_logits_equal_bit_for_bit_at_tp2(tiny_checkpoints):
                        num_kv_blocks=256, block_size=4)
     with TPExecutor(cfg) as ex:
         assert mismatches(four_ways(ex, ex.model_config.vocab_size)) == {}
+
+
+def test_the_padded_flash_fallback_is_still_row_invariant(monkeypatch):
+    # Where specd's row attention kernel cannot run, the padded flash path serves and must pass the same proof.
+    from common.kernels import row_attention
+    monkeypatch.setattr(row_attention, "available", lambda: False)
+    bi.check_attention(12, 2, 128, torch.bfloat16, torch.device("cpu"))     # raises if not
