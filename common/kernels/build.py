@@ -1,8 +1,21 @@
 """Build and load one of specd's C++ kernels (torch.utils.cpp_extension, cached per machine), or say why not."""
 from __future__ import annotations
 
+import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH; a venv's pip-installed ninja is not on it unless the venv
+    is activated (`.venv/bin/python -m pytest`), so put that one there."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 @lru_cache(maxsize=None)
@@ -12,6 +25,7 @@ def load_extension(name: str, source: Path, cpu_flag: str):
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and cpu_flag not in cpuinfo.read_text().split():      # don't compile for nothing
         return None, f"the processor lacks {cpu_flag}"
+    _ninja_on_path()
     try:
         from torch.utils.cpp_extension import load
         module = load(name, [str(source)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
