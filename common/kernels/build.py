@@ -36,3 +36,9 @@ def load_extension(name: str, source: Path, cpu_flag: str):
     if not module.supported():
         return None, f"the processor lacks {cpu_flag}"
     return module, None
+
+
+def status_line(source: Path, loaded) -> str:
+    """What `python -m common.kernels.<kernel>` prints: whether `source` built and runs here, or why not."""
+    module, reason = loaded
+    return f"{source.name}: " + ("built and runs on this processor" if module is not None else f"unavailable: {reason}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from common.kernels.build import load_extension
+from common.kernels.build import load_extension, status_line
 
 SOURCE = Path(__file__).with_name("row_attention.cpp")
 
@@ -39,5 +39,4 @@ def row_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 if __name__ == "__main__":
-    print(f"{SOURCE.name}: " + ("built and runs on this processor" if available() else
-                                f"unavailable: {unavailable_reason()}"))
+    print(status_line(SOURCE, _extension()))

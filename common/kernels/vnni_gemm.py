@@ -20,15 +20,12 @@ compiler). `python -m common.kernels.vnni_gemm` builds it ahead of time and says
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.kernels.build import load_extension
-
-log = logging.getLogger(__name__)
+from common.kernels.build import load_extension, status_line
 
 GROUP = 32                       # input columns per sub-scale
 TILE = 16                        # output rows per VNNI operand (one 32-bit lane each)
@@ -77,15 +74,15 @@ def quantize_groups(weight: torch.Tensor, bits: int) -> GroupCodes:
     the codes are picked against that rounded grid."""
     n, k = weight.shape
     g = superblock_groups(k)
-    top, smax = (1 << bits) - 1, MAX_SUBSCALE
+    top = (1 << bits) - 1
     w = weight.float().reshape(n, k // GROUP, GROUP)                          # [N, groups, 32]
     lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)                # [N, groups]
-    dmin = _per_superblock(-lo, g, MAX_SUBSCALE)                                       # [N, groups] float16
+    dmin = _per_superblock(-lo, g, MAX_SUBSCALE)                             # [N, groups] float16
     mn = _ratio_up(-lo, dmin).clamp(0, MAX_SUBSCALE)
     offset = dmin.float() * mn                                                # >= -lo
     step = (hi + offset) / top                                                # covers [-offset, hi]
-    d = _per_superblock(step, g, smax)
-    sc = _ratio_up(step, d).clamp(0, smax)
+    d = _per_superblock(step, g, MAX_SUBSCALE)
+    sc = _ratio_up(step, d).clamp(0, MAX_SUBSCALE)
     grid = (d.float() * sc)[..., None]                                        # [N, groups, 1]
     codes = torch.where(grid > 0, (w + offset[..., None]) / grid.clamp(min=1e-30), 0).round().clamp(0, top)
     return GroupCodes(codes.reshape(n, k).to(torch.uint8), sc.to(torch.uint8), mn.to(torch.uint8), d, dmin, bits)
@@ -174,5 +171,4 @@ def check_superblocks(gc: GroupCodes, what: str) -> None:
 
 
 if __name__ == "__main__":
-    ok = available()
-    print(f"{SOURCE.name}: " + ("built and runs on this processor" if ok else f"unavailable: {unavailable_reason()}"))
+    print(status_line(SOURCE, _extension()))
