@@ -28,7 +28,7 @@ def load_extension(name: str, source: Path, cpu_flag: str):
     _ninja_on_path()
     try:
         from torch.utils.cpp_extension import load
-        module = load(name, [str(source)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        module = load(name, [str(source)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
                       verbose=False)
     except Exception as e:                              # no compiler, no ninja, a failed build: say so
         text = str(e).strip()

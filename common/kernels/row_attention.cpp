@@ -16,34 +16,18 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 constexpr int kLanes = 16;
-
-__attribute__((target("avx512f")))
-inline __m512 exp512(__m512 x) {
-  // e^x = 2^n * e^r, n = round(x / ln 2), |r| <= ln2 / 2; degree-6 Taylor polynomial for e^r (rel. error < 2e-7).
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  const __m512 rr = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, rr, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
+using specd_simd::exp512;
 
 template <typename T>
 inline float to_float(T v) { return static_cast<float>(v); }
 
 template <typename T>
-__attribute__((target("avx512f,avx512bw")))
+__attribute__((target("avx512f,avx512bw,avx512vl")))
 void head_group(const T* q, const T* k_cache, const T* v_cache, const int64_t* slots, const int64_t* q_pos,
                 T* out, int64_t Q, int64_t H, int64_t KVH, int64_t D, int64_t kvh, float scale) {
   const int64_t g = H / KVH;
@@ -127,7 +111,7 @@ void head_group(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
 
 bool supported() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
 }
 
 torch::Tensor row_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots,
@@ -138,12 +122,15 @@ torch::Tensor row_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tenso
   TORCH_CHECK(k_cache.size(2) == D && H % KVH == 0 && slots.size(0) == B && q_pos.size(0) == B &&
               q_pos.size(1) == Q && q.scalar_type() == k_cache.scalar_type() &&
               k_cache.scalar_type() == v_cache.scalar_type(), "row_attention: q, cache, slots, q_pos disagree");
-  TORCH_CHECK(q_pos.max().item<int64_t>() < slots.size(1), "row_attention: a query sees past its context");
   auto qc = q.contiguous();
   auto kc = k_cache.contiguous();
   auto vc = v_cache.contiguous();
-  auto sc = slots.to(torch::kInt64).contiguous();
-  auto pc = q_pos.to(torch::kInt64).contiguous();
+  auto sc = slots.scalar_type() == torch::kInt64 ? slots.contiguous() : slots.to(torch::kInt64).contiguous();
+  auto pc = q_pos.scalar_type() == torch::kInt64 ? q_pos.contiguous() : q_pos.to(torch::kInt64).contiguous();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < B * Q; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < slots.size(1), "row_attention: a query sees past its context (position ",
+                pp[i], ", context of ", slots.size(1), ")");
   auto out = torch::empty({B, Q, H * D}, q.options());
   const int64_t C = sc.size(1);
   const float s = static_cast<float>(scale);

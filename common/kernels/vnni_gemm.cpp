@@ -17,6 +17,9 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <vector>
+
+#include "simd.h"
 
 namespace {
 
@@ -24,14 +27,15 @@ constexpr int kTile = 16;
 constexpr int kGroup = 32;
 constexpr int kPrefetch = 2048;            // bytes of codes fetched ahead of the group in use (measured)
 
-// x [M, K] float -> xq [M, K] int8, and per row and group of 32: xs = max|x| / 127 and bx = xs * sum(xq).
+// x [M, K] (fp32 or bf16) -> xq [M, K] int8, and per row and group of 32: xs = max|x| / 127, bx = xs * sum(xq).
+template <typename T>
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* bx) {
+void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* bx) {
   const int64_t ng = K / kGroup;
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < ng; ++g) {
-      const float* xg = x + m * K + g * kGroup;
-      const __m512 v0 = _mm512_loadu_ps(xg), v1 = _mm512_loadu_ps(xg + 16);
+      const T* xg = x + m * K + g * kGroup;
+      const __m512 v0 = specd_simd::load16(xg, 0xFFFF), v1 = specd_simd::load16(xg + 16, 0xFFFF);
       const float a = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       const float scale = a > 0.f ? a / 127.f : 0.f;
       const __m512 inv = _mm512_set1_ps(a > 0.f ? 127.f / a : 0.f);
@@ -48,12 +52,13 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xs, 
 }
 
 // Rows [m0, m0 + MB) of one 16-row tile over the whole of K: y = sum over groups of
-//   xs * (d * sc) * dot(q, xq) - (dmin * mn) * bx.
-template <int BITS, int MB>
+//   xs * (d * sc) * dot(q, xq) - (dmin * mn) * bx, stored as O (fp32, or bf16 rounded as torch rounds); with a
+// bias (the tile's 16), y = round(round(y) + bias): torch's `y + bias` on a y in O.
+template <int BITS, int MB, typename O>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d,
                       const at::Half* dmin, const int8_t* xq, const float* xs, const float* bx,
-                      int64_t K, int G, int64_t m0, float* y, int64_t ldy) {
+                      int64_t K, int G, int64_t m0, O* y, int64_t ldy, const O* bias) {
   constexpr int kGroupBytes = BITS * 64;
   const int64_t nb = K / (kGroup * G), ng = K / kGroup;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -96,23 +101,27 @@ inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn
       }
     }
   }
-  for (int r = 0; r < MB; ++r) _mm512_storeu_ps(y + (m0 + r) * ldy, acc[r]);
+  const __m512 bv = bias != nullptr ? specd_simd::load16(bias, 0xFFFF) : _mm512_setzero_ps();
+  for (int r = 0; r < MB; ++r) {
+    const __m512 v = bias != nullptr ? _mm512_add_ps(specd_simd::round_to<O>(acc[r]), bv) : acc[r];
+    specd_simd::store16(y + (m0 + r) * ldy, v, 0xFFFF);
+  }
 }
 
 constexpr int kRowsPerPass = 4;
 
-template <int BITS>
+template <int BITS, typename O>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
 void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d, const at::Half* dmin,
-          const int8_t* xq, const float* xs, const float* bx, int64_t M, int64_t K, int G, float* y,
-          int64_t ldy) {
+          const int8_t* xq, const float* xs, const float* bx, int64_t M, int64_t K, int G, O* y,
+          int64_t ldy, const O* bias) {
   int64_t m0 = 0;
   for (; m0 + kRowsPerPass <= M; m0 += kRowsPerPass)
-    tile_rows<BITS, kRowsPerPass>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy);
+    tile_rows<BITS, kRowsPerPass, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias);
   switch (M - m0) {
-    case 3: tile_rows<BITS, 3>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy); break;
-    case 2: tile_rows<BITS, 2>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy); break;
-    case 1: tile_rows<BITS, 1>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy); break;
+    case 3: tile_rows<BITS, 3, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
+    case 2: tile_rows<BITS, 2, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
+    case 1: tile_rows<BITS, 1, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
     default: break;
   }
 }
@@ -125,9 +134,9 @@ bool supported() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
-// x [M, K] (any float dtype) -> y [M, N] in x's dtype.
+// x [M, K] (any float dtype) -> y [M, N] in x's dtype; bias [N] (optional, x's dtype) added as torch adds it.
 torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, torch::Tensor mn, torch::Tensor d,
-                      torch::Tensor dmin, int64_t G, int64_t bits) {
+                      torch::Tensor dmin, int64_t G, int64_t bits, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(supported(), "vnni_mm: this processor lacks AVX-512 VNNI");
   TORCH_CHECK(bits == 4 || bits == 8, "vnni_mm: bits=", bits, ", must be 4 or 8");
   TORCH_CHECK(x.dim() == 2, "vnni_mm: x must be [M, K]");
@@ -136,35 +145,52 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
               "vnni_mm: x has K=", K, ", the weight another shape");
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && sc.is_contiguous() &&
               mn.is_contiguous() && d.is_contiguous() && dmin.is_contiguous(), "vnni_mm: bad weight tensors");
-  auto xf = x.to(torch::kFloat32).contiguous();
-  auto xq = torch::empty({M, K}, xf.options().dtype(torch::kInt8));
-  auto xs = torch::empty({M, K / kGroup}, xf.options());
-  auto bx = torch::empty({M, K / kGroup}, xf.options());
-  quantize_rows(xf.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xs.data_ptr<float>(), bx.data_ptr<float>());
-  auto y = torch::empty({M, NT * kTile}, xf.options());
+  // fp32 and bf16 are read and written as they are; another dtype goes through fp32.
+  const bool native = x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16;
+  auto xc = native ? x.contiguous() : x.to(torch::kFloat32).contiguous();
+  // Scratch kept per calling thread across calls (a decode step makes ~100 of these calls).
+  static thread_local std::vector<int8_t> xq;
+  static thread_local std::vector<float> xs, bx;
+  xq.resize(M * K), xs.resize(M * (K / kGroup)), bx.resize(M * (K / kGroup));
+  auto y = torch::empty({M, NT * kTile}, xc.options());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint8_t* scp = sc.data_ptr<uint8_t>();
   const uint8_t* mnp = mn.data_ptr<uint8_t>();
   const at::Half* dp = d.data_ptr<at::Half>();
   const at::Half* dmp = dmin.data_ptr<at::Half>();
-  const int8_t* xqp = xq.data_ptr<int8_t>();
-  const float* xsp = xs.data_ptr<float>();
-  const float* bp = bx.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const int8_t* xqp = xq.data();
+  const float* xsp = xs.data();
+  const float* bp = bx.data();
   const int64_t ng = K / kGroup, nb = K / S, ldy = NT * kTile, tile_bytes = ng * bits * 64;
   const int g = static_cast<int>(G);
-  at::parallel_for(0, NT, 8, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* ct = cp + t * tile_bytes;
-      if (bits == 4)
-        tile<4>(ct, scp + t * ng * 16, mnp + t * ng * 16, dp + t * nb * 16, dmp + t * nb * 16, xqp, xsp, bp, M, K, g,
-                yp + t * kTile, ldy);
-      else
-        tile<8>(ct, scp + t * ng * 16, mnp + t * ng * 16, dp + t * nb * 16, dmp + t * nb * 16, xqp, xsp, bp, M, K, g,
-                yp + t * kTile, ldy);
-    }
-  });
-  return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+  const bool fused_bias = bias.has_value() && native;
+  if (bias) {
+    TORCH_CHECK(bias->numel() == NT * kTile && bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
+                "vnni_mm: bias must be [", NT * kTile, "] in ", x.scalar_type());
+  }
+  auto run = [&](auto* xp, auto* yp) {
+    quantize_rows(xp, M, K, xq.data(), xs.data(), bx.data());
+    using O = std::remove_pointer_t<decltype(yp)>;
+    const O* bp_all = fused_bias ? bias->data_ptr<O>() : nullptr;
+    at::parallel_for(0, NT, 8, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* ct = cp + t * tile_bytes;
+        if (bits == 4)
+          tile<4, O>(ct, scp + t * ng * 16, mnp + t * ng * 16, dp + t * nb * 16, dmp + t * nb * 16, xqp, xsp, bp, M,
+                     K, g, yp + t * kTile, ldy, bp_all ? bp_all + t * kTile : nullptr);
+        else
+          tile<8, O>(ct, scp + t * ng * 16, mnp + t * ng * 16, dp + t * nb * 16, dmp + t * nb * 16, xqp, xsp, bp, M,
+                     K, g, yp + t * kTile, ldy, bp_all ? bp_all + t * kTile : nullptr);
+      }
+    });
+  };
+  if (xc.scalar_type() == torch::kBFloat16)
+    run(xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+  else
+    run(xc.data_ptr<float>(), y.data_ptr<float>());
+  if (native) return y;
+  auto out = y.to(x.scalar_type());
+  return bias ? out + *bias : out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

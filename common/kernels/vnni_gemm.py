@@ -119,9 +119,10 @@ class VnniWeight:
     def method(self) -> str:
         return "int4" if self.bits == 4 else "int8"
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:   # x [M, K] -> [M, N]
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:   # x [M, K] -> [M, N]
+        """x Wᵀ, plus `bias` [N] (x's dtype) added in the kernel exactly as `y + bias` would add it."""
         return _extension()[0].vnni_mm(x, self.codes, self.sc, self.mn, self.d, self.dmin,
-                                        self.groups_per_superblock, self.bits)
+                                        self.groups_per_superblock, self.bits, bias)
 
     @property
     def nbytes(self) -> int:

@@ -1,4 +1,5 @@
-"""Attention over a paged KV cache: write the new tokens' K/V into their slots, attend over each context."""
+"""Attention over a paged KV cache: the new tokens' K/V go into their slots (`store_kv`), then each context is
+attended."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,13 +39,18 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
 
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        # k, v [T, KVH, D] -> their slots of k_cache, v_cache [num_blocks, block_size, KVH, D]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = k
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[meta.slot_mapping] = v
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # q [T, H, D]; k, v [T, KVH, D]; k_cache, v_cache [num_blocks, block_size, KVH, D] -> [T, H·D]
+        # q [T, H, D]; k, v [T, KVH, D] (already in the cache: store_kv); k_cache, v_cache [num_blocks, block_size,
+        # KVH, D] -> [T, H·D]
         k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)  # [num_slots, KVH, D]
         v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat[meta.slot_mapping] = k
-        v_flat[meta.slot_mapping] = v
         gqa = self.num_heads != self.num_kv_heads
         if meta.is_causal_prefill:
             out = F.scaled_dot_product_attention(

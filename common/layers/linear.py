@@ -55,8 +55,7 @@ class ColumnParallelLinear(RowTiled, nn.Module):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            y = self.qweight.matmul(x)
-            return y if self.bias is None else y + self.bias
+            return self.qweight.matmul(x, self.bias)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, self.bias)
         return F.linear(x, self.weight, self.bias)

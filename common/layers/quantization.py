@@ -104,7 +104,8 @@ class QuantizedWeight(abc.ABC):
     out_features: int
     in_features: int
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [n, in] -> x Wᵀ (+ bias) [n, out] in x's dtype."""
         raise NotImplementedError
 
     @property
@@ -129,8 +130,9 @@ class Int8Weight(QuantizedWeight):
     def in_features(self) -> int:
         return self.q.shape[1]
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [n, in] -> [n, out]
-        return torch._weight_int8pack_mm(x, self.q, self.scales)
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # [n, in] -> [n, out]
+        y = torch._weight_int8pack_mm(x, self.q, self.scales)
+        return y if bias is None else y + bias
 
     @property
     def nbytes(self) -> int:
@@ -146,8 +148,9 @@ class Int4Weight(QuantizedWeight):
     group: int = INT4_GROUP
     method = "int4"
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [n, in] -> [n, out]
-        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # [n, in] -> [n, out]
+        y = torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scales_and_zeros)
+        return y if bias is None else y + bias
 
     @property
     def nbytes(self) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.distributed import TPGroup
+from common.kernels import layer_ops
 from common.layers.activation import SiluAndMul
 from common.layers.attention import AttentionMetadata, PagedAttention
 from common.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -38,13 +39,20 @@ class Attention(nn.Module):
 
     def forward(self, positions, hidden, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)                                   # [T, q_size + 2·kv_size]
+        fused = self.q_norm is None and layer_ops.runs(qkv) and qkv.is_contiguous()
+        if fused:                  # RoPE in place and the cache write, one call (common/kernels/layer_ops.py)
+            layer_ops.rope_store_kv(qkv, positions, self.rotary.cos, self.rotary.sin, self.num_heads,
+                                    self.num_kv_heads, self.head_dim, k_cache.view(-1, *k_cache.shape[2:]),
+                                    v_cache.view(-1, *v_cache.shape[2:]), meta.slot_mapping)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)                 # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)              # [T, KVH, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        if not fused:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
+            self.attn.store_kv(k, v, k_cache, v_cache, meta)
         out = self.attn(q, k, v, k_cache, v_cache, meta)              # [T, H·D]
         return self.o_proj(out)
 
@@ -69,9 +77,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, positions, hidden, k_cache, v_cache, meta) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), k_cache, v_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions, hidden, residual, k_cache, v_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden [T, hidden_size]: the previous layer's output, not yet added to the residual stream (None before
+        # the first layer); the add is folded into this layer's first norm. -> (this layer's output, residual)
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, k_cache, v_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class DecoderModel(nn.Module):
@@ -136,7 +151,9 @@ class LlamaFamilyForCausalLM(nn.Module):
                 meta: AttentionMetadata, logits_index: torch.Tensor) -> torch.Tensor:
         # input_ids, positions [T]; logits_index [N] rows of T whose next-token logits are wanted -> [N, vocab]
         hidden = self.model.embed_tokens(input_ids)                   # [T, hidden]
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            hidden = layer(positions, hidden, k_cache, v_cache, meta)
-        hidden = self.model.norm(hidden.index_select(0, logits_index))  # norm is per token: only rows we need
+            hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, meta)
+        # the norm is per token: only the rows we need (index_select copies, so the in-place add is safe)
+        hidden, _ = self.model.norm(hidden.index_select(0, logits_index), residual.index_select(0, logits_index))
         return self.lm_head(hidden)
