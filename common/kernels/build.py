@@ -1,6 +1,7 @@
 """Build and load one of specd's C++ kernels (torch.utils.cpp_extension, cached per machine), or say why not."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from functools import lru_cache
@@ -18,6 +19,14 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _cflags(source: Path) -> list[str]:
+    # -ffp-contract=off: `a * b - c * d` written as separate multiplies stays separate roundings (torch's numbers,
+    # common/kernels/layer_ops.cpp), not an FMA. torch rebuilds an extension when its source or flags change, not
+    # its headers: the headers' digest is one of the flags.
+    headers = hashlib.sha256(b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))).hexdigest()[:16]
+    return ["-O3", "-fopenmp", "-ffp-contract=off", f"-DSPECD_KERNEL_HEADERS={headers}"]
+
+
 @lru_cache(maxsize=None)
 def load_extension(name: str, source: Path, cpu_flag: str):
     """(module, None) once `source` builds and the processor has `cpu_flag` (a /proc/cpuinfo flag) and the
@@ -28,8 +37,7 @@ def load_extension(name: str, source: Path, cpu_flag: str):
     _ninja_on_path()
     try:
         from torch.utils.cpp_extension import load
-        module = load(name, [str(source)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"],
-                      verbose=False)
+        module = load(name, [str(source)], extra_cflags=_cflags(source), extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:                              # no compiler, no ninja, a failed build: say so
         text = str(e).strip()
         return None, f"building {source.name} failed: {text.splitlines()[-1] if text else repr(e)}"

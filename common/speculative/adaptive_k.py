@@ -43,6 +43,7 @@ class CostModel:
     pre_draft: bool = False
     smoothing: float = 0.2
     max_jump: float = 4.0                # an observation counts as at most this factor off the running estimate
+    drift_follow: float = 0.5            # how much of a pass length's change the other lengths follow
     # t(n) / t(1) for passes of n = 1, 2, … tokens, as the verifier measured them at load (ModelInfo.pass_cost_ratio);
     # empty: unknown
     verify_shape: list[float] = field(default_factory=list)
@@ -71,7 +72,16 @@ class CostModel:
             compute_s = seconds
         else:
             self.verify_call = self._ema_abs(self.verify_call, seconds - compute_s)
-        self._verify_obs[num_tokens] = self._ema(self._verify_obs.get(num_tokens, 0.0), compute_s)
+        old = self._verify_obs.get(num_tokens, 0.0)
+        new = self._ema(old, compute_s)
+        if old > 0:
+            # The machine's speed drifts (warm-up after the load-time calibration, other tenants): it moves every
+            # pass length alike. The lengths not run lately follow half of this one's change, so that a stretch of
+            # K = 0 rounds (which re-measure only 1-token passes) cannot leave stale prices on the longer ones.
+            follow = 1 + self.drift_follow * (new / old - 1)
+            for n in self._verify_obs:
+                self._verify_obs[n] *= follow
+        self._verify_obs[num_tokens] = new
         self._refit()
 
     def verify_cost(self, k: int) -> float:

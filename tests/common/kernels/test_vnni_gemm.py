@@ -75,3 +75,22 @@ def test_the_kernel_refuses_a_mismatched_input_by_its_shape():
     qw = vnni_gemm.pack(vnni_gemm.quantize_groups(torch.randn(16, 64), 4))
     with pytest.raises(RuntimeError, match="K=128"):
         qw.matmul(torch.randn(1, 128))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_bf16_is_read_and_written_as_it_is_and_the_bias_is_added_as_torch_adds_it(dtype):
+    # bf16 in and out directly: the same bits as going through fp32; the fused bias: the same bits as `y + bias`
+    g = torch.Generator().manual_seed(3)
+    qw = vnni_gemm.pack(vnni_gemm.quantize_groups(torch.randn(48, 256, generator=g) * 0.05, 4))
+    x = torch.randn(5, 256, generator=g).to(dtype)
+    bias = torch.randn(48, generator=g).to(dtype)
+    y = qw.matmul(x)
+    assert y.dtype == dtype
+    assert torch.equal(y, qw.matmul(x.float()).to(dtype))
+    assert torch.equal(qw.matmul(x, bias), y + bias)
+
+
+def test_a_bias_of_the_wrong_size_is_refused_by_its_size():
+    qw = vnni_gemm.pack(vnni_gemm.quantize_groups(torch.randn(16, 64), 4))
+    with pytest.raises(RuntimeError, match=r"bias must be \[16\]"):
+        qw.matmul(torch.randn(1, 64), torch.zeros(32))

@@ -4,6 +4,7 @@ import torch
 
 from common.config import EngineConfig
 from common.engine.model_runner import ModelRunner, SequenceChunk
+from tests.common.kernels.test_vnni_gemm import HAS_VNNI
 
 TOL = 1e-4
 
@@ -57,3 +58,34 @@ def test_bfloat16_runs_close_to_float32(tiny_checkpoints):
     assert b.dtype == torch.float32                              # logits are handed out in float32
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
     assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_the_layer_ops_and_pytorchs_ops_give_the_same_model(arch, tiny_checkpoints, monkeypatch):
+    """specd's CPU layer ops (common/kernels/layer_ops.py) against PyTorch's chains, in bf16, where rounding
+    shows: qwen2 takes the fused RoPE + cache write, qwen3 (q/k norms) PyTorch's RoPE and the fused norms."""
+    from common.kernels import layer_ops
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+
+    def run():
+        runner = ModelRunner(EngineConfig(model=str(tiny_checkpoints[arch]), dtype="bfloat16", num_kv_blocks=32,
+                                          block_size=4))
+        prefill = runner.forward([SequenceChunk(0, ids[:20], num_logits=20)]).logits[0]
+        step = runner.forward([SequenceChunk(0, ids[20:21])]).logits[0]
+        verify = runner.forward([SequenceChunk(0, ids[21:], num_logits=9)]).logits[0]
+        return torch.cat([prefill, step, verify])
+
+    calls = {"n": 0}
+    fused_norm = layer_ops.rms_norm
+
+    def counted(*args):
+        calls["n"] += 1
+        return fused_norm(*args)
+    monkeypatch.setattr(layer_ops, "rms_norm", counted)
+    ours = run()
+    assert calls["n"] > 0                                          # the kernels did run
+    monkeypatch.setattr(layer_ops, "runs", lambda x: False)
+    theirs = run()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() > 0.9
+    assert (ours - theirs).abs().max().item() < 0.02 * theirs.abs().max().item()

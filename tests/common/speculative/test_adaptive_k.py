@@ -181,3 +181,30 @@ def test_lengths_not_measured_scale_by_the_verifiers_probe_or_interpolate():
     plain = _measured({1: 0.1, 5: 0.3}, t_draft=0.01)
     assert plain.verify_compute(3) == pytest.approx(0.2)           # between neighbours
     assert plain.verify_compute(7) == pytest.approx(0.4)           # past the last: its slope
+
+
+def test_lengths_not_run_lately_follow_the_machines_speed_and_keep_their_shape():
+    # Calibrated cold at load (1: 38 ms, 5: 52 ms); then only K = 0 rounds run, at 28 ms: a stale 52 ms for 5 tokens
+    # would price drafting ~25% dearer than it is and keep K at 0 (measured on the real pair, int4).
+    costs = _measured({1: 0.038, 5: 0.052}, t_draft=0.0135)
+    for _ in range(40):
+        costs.observe_verify(1, 0.028)
+    assert costs.verify_compute(1) == pytest.approx(0.028, rel=0.02)
+    assert costs.verify_compute(5) == pytest.approx(0.052 * (0.028 / 0.038) ** 0.5, rel=0.1)   # half the drift
+    assert costs.verify_compute(5) / costs.verify_compute(1) > 52 / 38         # followed, not snapped to the shape
+
+
+def test_the_draft_call_after_plain_decoding_rounds_is_not_priced_as_steps():
+    from common.speculative.params import SamplingParams
+    from common.speculative.request import Request, observe_pass_costs
+    costs = _measured({1: 0.03}, t_draft=0.01)
+    r = Request([1, 2, 3], SamplingParams(max_tokens=50))
+    for k in (4, 0, 0, 0):
+        r.stats.record(k, 0)
+    r.pending = [9]
+    # K = 2 after three K = 0 rounds: the draft also caught up on their tokens (0.05 s for "2 steps")
+    observe_pass_costs(costs, [r], draft_steps=2, draft_s=0.05, verify_tokens=3, verify_s=0.03)
+    assert costs.t_draft == pytest.approx(0.01)
+    r.stats.record(2, 1)                                            # the next round follows a drafting one
+    observe_pass_costs(costs, [r], draft_steps=2, draft_s=0.024, verify_tokens=3, verify_s=0.03)
+    assert costs.t_draft == pytest.approx(0.8 * 0.01 + 0.2 * 0.012)
