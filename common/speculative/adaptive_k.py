@@ -13,6 +13,10 @@ kernels are flat to 4 rows and jump at 5 (`make bench-kernels`). A line fitted t
 K = 0 on the first curve (the controller drafts where drafting loses) and overprices K = 1..3 on the last (it never
 drafts where drafting wins). A length not measured yet is scaled from the nearest measured one by the verifier's
 own load-time probe (`verify_shape`, ModelInfo.pass_cost_ratio) or, without one, interpolated between neighbours.
+The machine's speed drifts (warm-up after the calibration, other tenants of a VM) and moves every length alike, so
+each measurement also moves the lengths not run lately by half its change: a stretch of K = 0 rounds, which
+re-measure only 1-token passes, cannot leave the longer ones priced at a stale speed (measured: calibrated at 38 ms
+per 1-token pass, running at 28 ms, a stale 5-token price kept K at 0 where K = 4 gave 1.4x).
 
 Across a network each call also has a fixed cost (round trip, serialization, queueing) that does not grow with K:
 the cost model keeps it apart from per-step compute for both hops (the services report their compute time), so

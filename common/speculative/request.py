@@ -115,8 +115,9 @@ def observe_pass_costs(costs: CostModel, batch: Sequence[Request], *, draft_step
     A round that also prefilled says nothing of steady-state cost: a request's first round prefills the draft, so
     does the first drafting round after plain-decoding (K = 0) rounds (the draft catches up on every token they
     emitted: timed as "K steps" it would price a draft step at 2-3x its cost, and keep K at 0), and a round whose
-    pending tokens are more than the last emitted one (the prompt, a re-prefill) prefills the target. `draft_s=None`: no draft call whose time means anything (none made, a model-free proposer, or a
-    pre-drafted proposal, whose call overlapped the previous verify). `*_compute_s`: what a remote service reports
+    pending tokens are more than the last emitted one (the prompt, a re-prefill) prefills the target.
+    `draft_s=None`: no draft call whose time means anything (none made, a model-free proposer, or a pre-drafted
+    proposal, whose call overlapped the previous verify). `*_compute_s`: what a remote service reports
     computing (the rest of the call's time is its fixed cost); None in process.
     """
     if draft_s is not None and draft_steps > 0 and all(r.stats.k_chosen and r.stats.k_chosen[-1] for r in batch):
