@@ -71,9 +71,19 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t I) {
   for (int64_t i = 0; i < I; i += 16) {
     const __mmask16 m = tail_mask(I - i);
     const __m512 g = load16(gate + i, m);
-    const __m512 silu = round_to<T>(_mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));                  // e^-g
+    const __m512 silu = round_to<T>(_mm512_div_ps(g, _mm512_add_ps(one, e)));
     store16(out + i, _mm512_mul_ps(silu, load16(up + i, m)), m);
   }
+}
+
+// f(T{}) with T = float or at::BFloat16, as x's dtype says (check_rows has admitted only these two).
+template <typename F>
+void with_dtype(at::ScalarType dtype, F&& f) {
+  if (dtype == at::kBFloat16)
+    f(at::BFloat16{});
+  else
+    f(float{});
 }
 
 void check_rows(const torch::Tensor& x, const char* what) {
@@ -103,26 +113,15 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps, c10::o
   }
   auto out = torch::empty_like(x);
   const float e = static_cast<float>(eps);
-  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      using T_ = float;
-      T_* r = residual ? residual->data_ptr<T_>() : nullptr;
-      at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          norm_row<T_>(x.data_ptr<T_>() + t * N, r ? r + t * N : nullptr, weight.data_ptr<T_>(),
-                       out.data_ptr<T_>() + t * N, N, e);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using T_ = at::BFloat16;
-      T_* r = residual ? residual->data_ptr<T_>() : nullptr;
-      at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          norm_row<T_>(x.data_ptr<T_>() + t * N, r ? r + t * N : nullptr, weight.data_ptr<T_>(),
-                       out.data_ptr<T_>() + t * N, N, e);
-      });
-    })
-  );
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    T_* r = residual ? residual->data_ptr<T_>() : nullptr;
+    at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        norm_row<T_>(x.data_ptr<T_>() + t * N, r ? r + t * N : nullptr, weight.data_ptr<T_>(),
+                     out.data_ptr<T_>() + t * N, N, e);
+    });
+  });
   return out;
 }
 
@@ -152,32 +151,18 @@ void rope_store_kv(torch::Tensor qkv, torch::Tensor positions, torch::Tensor cos
     TORCH_CHECK(slot[t] >= 0 && slot[t] < S, "rope_store_kv: slot ", slot[t], " outside the cache's ", S);
   }
   const int64_t W = qkv.size(1), kv = KVH * D;
-  AT_DISPATCH_SWITCH(dt, "rope_store_kv",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      using T_ = float;
-      at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          T_* row = qkv.data_ptr<T_>() + t * W;
-          for (int64_t h = 0; h < H + KVH; ++h)
-            rotate_head<T_>(row + h * D, cos.data_ptr<T_>() + pos[t] * half, sin.data_ptr<T_>() + pos[t] * half, half);
-          std::copy(row + H * D, row + H * D + kv, k_cache.data_ptr<T_>() + slot[t] * kv);
-          std::copy(row + H * D + kv, row + W, v_cache.data_ptr<T_>() + slot[t] * kv);
-        }
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using T_ = at::BFloat16;
-      at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) {
-          T_* row = qkv.data_ptr<T_>() + t * W;
-          for (int64_t h = 0; h < H + KVH; ++h)
-            rotate_head<T_>(row + h * D, cos.data_ptr<T_>() + pos[t] * half, sin.data_ptr<T_>() + pos[t] * half, half);
-          std::copy(row + H * D, row + H * D + kv, k_cache.data_ptr<T_>() + slot[t] * kv);
-          std::copy(row + H * D + kv, row + W, v_cache.data_ptr<T_>() + slot[t] * kv);
-        }
-      });
-    })
-  );
+  with_dtype(dt, [&](auto tag) {
+    using T_ = decltype(tag);
+    at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        T_* row = qkv.data_ptr<T_>() + t * W;
+        for (int64_t h = 0; h < H + KVH; ++h)
+          rotate_head<T_>(row + h * D, cos.data_ptr<T_>() + pos[t] * half, sin.data_ptr<T_>() + pos[t] * half, half);
+        std::copy(row + H * D, row + H * D + kv, k_cache.data_ptr<T_>() + slot[t] * kv);
+        std::copy(row + H * D + kv, row + W, v_cache.data_ptr<T_>() + slot[t] * kv);
+      }
+    });
+  });
 }
 
 // x [T, 2I] = [gate | up] -> silu(gate) * up [T, I].
@@ -187,22 +172,13 @@ torch::Tensor silu_mul(torch::Tensor x) {
   TORCH_CHECK(x.size(1) % 2 == 0, "silu_mul: x has ", x.size(1), " columns, not [gate | up]");
   const int64_t T = x.size(0), I = x.size(1) / 2;
   auto out = torch::empty({T, I}, x.options());
-  AT_DISPATCH_SWITCH(x.scalar_type(), "silu_mul",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          silu_mul_row<float>(x.data_ptr<float>() + t * 2 * I, x.data_ptr<float>() + t * 2 * I + I,
-                              out.data_ptr<float>() + t * I, I);
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using T_ = at::BFloat16;
-      at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t)
-          silu_mul_row<T_>(x.data_ptr<T_>() + t * 2 * I, x.data_ptr<T_>() + t * 2 * I + I, out.data_ptr<T_>() + t * I, I);
-      });
-    })
-  );
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T_ = decltype(tag);
+    at::parallel_for(0, T, kRowGrain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t)
+        silu_mul_row<T_>(x.data_ptr<T_>() + t * 2 * I, x.data_ptr<T_>() + t * 2 * I + I, out.data_ptr<T_>() + t * I, I);
+    });
+  });
   return out;
 }
 

@@ -3,7 +3,7 @@ in, RoPE in place with the K/V cache write, and the SiLU-gated product.
 
 Why: at decode a layer's activations are one row of a few thousand numbers, and the PyTorch chains these replace
 (~9 ops per RMSNorm, ~14 for RoPE, the index_put of the cache write, 3 for the MLP gate) cost their calls, not
-their arithmetic: ~10 ms of a 1.5B int4 decode step on 2 cores, against ~35 ms of matmuls. The kernels compute
+their arithmetic: ~10 ms of a 1.5B int4 decode step on 2 cores, against ~32 ms of matmuls. The kernels compute
 torch's numbers (fp32 arithmetic, bf16 intermediates rounded where torch rounds them); only the RMSNorm sum's
 order and SiLU's exp can differ in the last bit of an fp32. Rows are computed alone: batch-invariant.
 
