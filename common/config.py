@@ -218,6 +218,10 @@ class EngineConfig:
     # Under int4, a GGUF file of the same model whose Q4_K tensors load with their own 4-bit codes
     # (common/models/gguf_weights.py); the folder still gives config, tokenizer and every other weight.
     gguf: str | None = None
+    # The LM head's quantization: None = the method's default (int8 under int8 and int4: the head decides the logits
+    # the sampler sees). A draft may run an int4 head: its logits only pick proposals, the target decides every
+    # token, so exactness does not depend on it (LLM and the draft service do so under int4).
+    lm_head_quantization: str | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -243,6 +247,13 @@ class EngineConfig:
         if self.quantization != "none" and self.device != "cpu":
             raise ConfigError(f"quantization={self.quantization!r} with device={self.device!r}: the quantized "
                               "kernels are measured on CPU only")
+        if self.lm_head_quantization is not None:
+            if self.lm_head_quantization not in ("int8", "int4"):
+                raise ConfigError(f"lm_head_quantization={self.lm_head_quantization!r}: must be 'int8', 'int4' or "
+                                  "None (the quantization's default)")
+            if self.quantization == "none":
+                raise ConfigError(f"lm_head_quantization={self.lm_head_quantization!r} with quantization='none': "
+                                  "only a quantized model's head can be quantized")
         if self.gguf is not None and self.quantization != "int4":
             raise ConfigError(f"gguf={self.gguf!r} with quantization={self.quantization!r}: a GGUF's Q4_K codes load "
                               "exactly only under quantization='int4'")
@@ -277,3 +288,9 @@ class EngineConfig:
         per_block = (2 * model.num_layers * self.block_size * (model.num_kv_heads // self.tp_size)
                      * model.head_dim * torch.empty((), dtype=self.torch_dtype).element_size())
         return max(1, math.floor(self.kv_cache_memory_gib * 2**30 / per_block))
+
+
+def draft_lm_head_quantization(quantization: str) -> str | None:
+    """The LM head a draft runs under `quantization`: int4 under int4 (its logits only pick proposals; the int8 head
+    is 146 of the 0.5B draft's 360 MB per step), else the method's default."""
+    return "int4" if quantization == "int4" else None

@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from common.config import EngineConfig
+from common.config import EngineConfig, draft_lm_head_quantization
 from common.engine.model_runner import ModelRunner, SequenceChunk
 from common.engine.pass_probe import measure_pass_seconds
 from common.engine.tp_executor import TPExecutor
@@ -79,7 +79,9 @@ class LLM:
                                                     kv_cache_memory_gib=kv_cache_memory_gib,
                                                     max_model_len=self.target.runner.max_model_len,
                                                     max_num_seqs=max_num_seqs,
-                                                    quantization=draft_quantization, gguf=draft_gguf))
+                                                    quantization=draft_quantization, gguf=draft_gguf,
+                                                    lm_head_quantization=draft_lm_head_quantization(
+                                                        draft_quantization)))
             if draft_runner.model_config.vocab_size != self.target.model_config.vocab_size:
                 raise ConfigError(f"draft vocab_size={draft_runner.model_config.vocab_size} differs from the "
                                   f"target's {self.target.model_config.vocab_size}")

@@ -29,7 +29,7 @@ async def warm_up(drafter, timeout_s: float = 600.0) -> None:
 
 
 async def serve(args) -> None:
-    from common.config import EngineConfig
+    from common.config import EngineConfig, draft_lm_head_quantization
     from common.engine.model_runner import ModelRunner
     from common.rpc.generated.specd.v1 import draft_pb2_grpc
     from common.rpc.model_info import model_info
@@ -51,7 +51,8 @@ async def serve(args) -> None:
                                       kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len or None,
                                       max_num_seqs=args.max_cached_sequences + 1,
                                       prefix_cache=prefix_cache_config(args), quantization=args.quantization,
-                                      gguf=args.gguf))
+                                      gguf=args.gguf,
+                                      lm_head_quantization=draft_lm_head_quantization(args.quantization)))
     costs = measure_pass_costs(runner, max_tokens=min(9, args.k_max + 1), reps=1)   # ~10 passes at start
     log.info("draft pass cost over a 1-token pass (tokens: ratio): %s", describe(costs))
     drafter = Drafter(runner, k_max=args.k_max, max_cached_sequences=args.max_cached_sequences,

@@ -63,7 +63,7 @@ class ModelRunner:
         self.model.eval()
         if config.quantization != "none":
             gguf = GgufCodes.open(config.gguf) if config.gguf else None
-            self.model.quantize_weights(config.quantization, gguf)
+            self.model.quantize_weights(config.quantization, gguf, head=config.lm_head_quantization)
             log.info("weights quantized: %s (kernel chosen for this processor; see bench-kernels)",
                      numerics_of(config.quantization))
             if gguf is not None:

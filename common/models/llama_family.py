@@ -119,16 +119,17 @@ class LlamaFamilyForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def quantize_weights(self, method: str, gguf=None) -> None:
+    def quantize_weights(self, method: str, gguf=None, head: str | None = None) -> None:
         """Quantize every matmul's weights (common/layers/quantization.py; on the VNNI kernel the activations go
         to int8 inside each matmul, on PyTorch's they stay in the model's dtype). Under int4 the LM head is
         int8 (as llama.cpp's Q4_K_M keeps its output tensor at 6 bits): the logits the sampler sees matter most.
-        `gguf` (common/models/gguf_weights.GgufCodes): under int4, its Q4_K tensors' own codes are used."""
+        `gguf` (common/models/gguf_weights.GgufCodes): under int4, its Q4_K tensors' own codes are used. `head`: the
+        LM head's method instead of that default (a draft's int4 head)."""
         from common.models.gguf_weights import check_matches
         for name, module in self.named_modules():
             if module is self or not hasattr(module, "quantize"):
                 continue
-            layer_method = HEAD_METHOD[method] if module is self.lm_head else method
+            layer_method = (head or HEAD_METHOD[method]) if module is self.lm_head else method
             exact = gguf.rows_for(name, module, module.tp.rank) if gguf is not None and layer_method == "int4" else []
             for rows in exact:
                 check_matches(rows, module.weight.data, f"{gguf.path.name}: {name}")

@@ -95,3 +95,22 @@ def test_a_quantized_runner_computes_with_quantized_weights_only(tiny_checkpoint
     [a], [b] = plain.forward([SequenceChunk(0, ids)]).logits, quantized.forward([SequenceChunk(0, ids)]).logits
     assert not torch.equal(a, b)                        # really another model...
     assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.98      # ...close to the original
+
+
+def test_a_drafts_int4_head_and_its_refusals(tiny_checkpoints):
+    from common.config import draft_lm_head_quantization
+    from common.errors import ConfigError
+    cfg = dict(model=str(tiny_checkpoints["qwen2"]), num_kv_blocks=24, block_size=4, quantization="int4")
+    assert draft_lm_head_quantization("int4") == "int4" and draft_lm_head_quantization("int8") is None
+    int8_head = ModelRunner(EngineConfig(**cfg))
+    int4_head = ModelRunner(EngineConfig(**cfg, lm_head_quantization="int4"))
+    assert int4_head.model.lm_head.qweight.method == "int4"
+    assert int4_head.model.lm_head.qweight.nbytes < 0.6 * int8_head.model.lm_head.qweight.nbytes
+    ids = _ids(12, 6)
+    [a] = int8_head.forward([SequenceChunk(0, ids)]).logits
+    [b] = int4_head.forward([SequenceChunk(0, ids)]).logits
+    assert not torch.equal(a, b) and torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.95
+    with pytest.raises(ConfigError, match="lm_head_quantization='int4' with quantization='none'"):
+        EngineConfig(model=cfg["model"], lm_head_quantization="int4")
+    with pytest.raises(ConfigError, match="lm_head_quantization='int2': must be 'int8', 'int4'"):
+        EngineConfig(**cfg, lm_head_quantization="int2")
