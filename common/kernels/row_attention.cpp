@@ -47,13 +47,10 @@ void head_group(const T* q, const T* k_cache, const T* v_cache, const int64_t* s
     float* row = vf.data() + j * D;
     if constexpr (std::is_same_v<T, at::BFloat16>) {
       int64_t d = 0;
-      for (; d + kLanes <= D; d += kLanes) {     // bf16 -> fp32: the 16 bits are the top half of the float
-        const __m512 kv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kj + d))), 16));
-        _mm512_storeu_ps(row + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vj + d))), 16)));
+      for (; d + kLanes <= D; d += kLanes) {
+        _mm512_storeu_ps(row + d, specd_simd::load16(vj + d, 0xFFFF));
         alignas(64) float tmp[kLanes];
-        _mm512_store_ps(tmp, kv);
+        _mm512_store_ps(tmp, specd_simd::load16(kj + d, 0xFFFF));
         for (int l = 0; l < kLanes; ++l) col[(d + l) * kLanes] = tmp[l];
       }
       for (; d < D; ++d) col[d * kLanes] = to_float(kj[d]), row[d] = to_float(vj[d]);
