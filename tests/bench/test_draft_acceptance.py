@@ -5,7 +5,10 @@ from bench.draft_acceptance import measure
 PROMPTS = [("a", [5, 9, 17, 3, 44]), ("b", [100, 2, 71]), ("c", [8] * 12)]     # token ids of the tiny vocab
 
 
-def test_a_draft_identical_to_the_target_is_always_accepted(tiny_checkpoints):
+def test_a_draft_identical_to_the_target_is_always_accepted(tiny_checkpoints, monkeypatch):
+    # an int4 draft runs an int4 head (common.config.draft_lm_head_quantization), the target an int8 one: keep the
+    # target's head so that the draft really is the target
+    monkeypatch.setattr("common.llm.draft_lm_head_quantization", lambda quantization: None)
     same = str(tiny_checkpoints["qwen2"])
     r = measure(same, same, "int4", None, k=3, max_tokens=6, threads=1, prompts=PROMPTS)   # same weights, kernel
     assert r["drafted"] > 0 and r["accepted"] == r["drafted"] and r["acceptance"] == 1.0
