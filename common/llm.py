@@ -159,19 +159,25 @@ class LLM:
 
     # ---- adaptive-K calibration ----------------------------------------------------------------------------
     def _calibrate(self, reps: int = 3) -> None:
-        """Measure one draft step and target passes of every length 1..k_max+1, so round one already picks K well:
-        the cost model prices each length as measured (common/speculative/adaptive_k.py says why)."""
+        """Measure one draft step, a draft catch-up pass, and target passes of every length 1..k_max+1, so round one
+        already picks K well: the cost model prices each length as measured (common/speculative/adaptive_k.py says
+        why)."""
         probe = list(range(10, 42))
         seconds = measure_pass_seconds(self.target, max_tokens=self.k_max + 1, reps=reps)
         for costs in self.costs.values():
             for n, s in enumerate(seconds, start=1):
                 costs.observe_verify(n, s)
         if self.draft_runner is not None:
-            self.draft_runner.forward([SequenceChunk(-1, probe)])
+            costs = self.costs["draft"]
+            self.draft_runner.forward([SequenceChunk(-1, probe)])             # warm-up
             for _ in range(reps):
                 t = time.perf_counter()
                 self.draft_runner.forward([SequenceChunk(-1, [7])])
-                self.costs["draft"].observe_draft(1, time.perf_counter() - t)
+                costs.observe_draft(1, time.perf_counter() - t)
+            self.draft_runner.free(-1)
+            t = time.perf_counter()                                          # a catch-up: one pass of missed tokens
+            self.draft_runner.forward([SequenceChunk(-1, probe)])
+            costs.observe_catchup(len(probe) - 1, 1, time.perf_counter() - t)
             self.draft_runner.free(-1)
         self._calibrated = True
 

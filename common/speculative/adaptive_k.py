@@ -3,8 +3,23 @@
 With a_i the running probability that draft position i is accepted given that all before it were (an EMA per
 position; a position tested fewer than `min_observations` times borrows the pooled per-token EMA, so that
 positions a small K never reaches are not stuck at the prior), one round with K drafts emits E(K) = 1 + Σ_{j=1..K} Π_{i≤j} a_i tokens on average (for a constant
-α this is (1 − α^(K+1)) / (1 − α)) and costs K·t_draft + t_verify(K). K = 0 is plain decoding. When K = 0
-wins for a while, one short probe round keeps the acceptance estimates fresh.
+α this is (1 − α^(K+1)) / (1 − α)) and costs K·t_draft + t_verify(K). K = 0 is plain decoding.
+
+Leaving K = 0 has a price of its own: the draft has not seen the tokens the K = 0 rounds emitted, so the next drafting
+round first feeds them (the catch-up: one prefill pass, measured per token). The controller minimises the seconds per
+token over the request's remaining tokens (capped at `horizon`), so the catch-up is spread over the rounds that can
+repay it, and near a request's end it is not paid at all. A request's first round prices the draft's prompt prefill
+the same way: where drafting barely pays, a short request does not prefill the draft at all (measured: an int8
+draft's prefill of a 60-token prompt took 150-250 ms, 6-10% of a 64-token request that then gained nothing).
+
+While K = 0 wins, a short probe round (K = 2) keeps the acceptance estimates fresh; it is paid from a budget shared by
+the engine's requests: each K = 0 round earns `probe_budget` (3%) of its cost, and a probe runs once the credit covers
+its expected loss (its catch-up, plus its cost beyond the tokens it is expected to emit at K = 0 prices). Probing thus
+never costs more than 3% of the time spent at K = 0. Measured on a 2-core CPU with an int8 draft, the catch-up is
+~2.3 ms per missed token against a 37 ms plain step: the old schedule (a probe every 12, 24, 48… rounds, catch-up
+unpriced) spent ~9% of a 64-token request there, and K=auto ran at 0.92x plain decoding. Where catching up costs more
+than the budget earns (a long request at K = 0 on such a CPU), probes come at the start of the next requests, where the
+draft has only a prompt to catch up on.
 
 The verify pass is priced by its own length, t_verify(n) for n = K + 1 tokens, as measured (an EMA per n), never
 read off a straight line: real curves are not straight. With avx512_bf16 a pass of 2..8 rows costs about one row;
@@ -54,6 +69,9 @@ class CostModel:
     # Per-token acceptance over every request this engine has served (a slow EMA): a new request's controller starts
     # from it instead of a fixed prior, so it need not relearn from scratch what the last requests showed.
     acceptance: float = 0.6
+    t_catchup: float = 0.0               # seconds per token a draft feeds to catch up on tokens it missed; 0: unknown
+    probe_budget: float = 0.03           # the share of the time spent at K = 0 that probe rounds may cost
+    probe_credit: float = 0.0            # seconds of probing earned by K = 0 rounds and not yet spent
     _verify_obs: dict[int, float] = field(default_factory=dict)   # tokens -> EMA seconds
 
     @property
@@ -70,6 +88,19 @@ class CostModel:
         else:
             self.draft_call = self._ema_abs(self.draft_call, seconds - compute_s)
         self.t_draft = self._ema(self.t_draft, compute_s / steps)
+
+    def observe_catchup(self, tokens: int, steps: int, compute_s: float) -> None:
+        """A draft call of `steps` steps that first fed `tokens` tokens it had missed (a request's first call, or the
+        first after K = 0 rounds): what it took beyond `steps` steps prices a caught-up token."""
+        if tokens <= 0 or self.t_draft <= 0:
+            return
+        per_token = max(compute_s - steps * self.t_draft, 0.0) / tokens
+        self.t_catchup = self._ema(self.t_catchup, max(per_token, 1e-6))
+
+    def catchup_cost(self, tokens: int) -> float:
+        """Seconds for the draft to catch up on `tokens` missed tokens (unmeasured: an eighth of a step each, about
+        what a prefill pass costs per token on a CPU)."""
+        return tokens * (self.t_catchup if self.t_catchup > 0 else self.t_draft / 8)
 
     def observe_verify(self, num_tokens: int, seconds: float, compute_s: float | None = None) -> None:
         if compute_s is None or not self.fixed_call_costs:
@@ -176,14 +207,15 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
 
 
 class AdaptiveK:
-    """One request's K controller. While K = 0 wins, one probe round of K = 2 every `probe_every` rounds keeps the
-    acceptance estimates fresh; each probe after which K = 0 still wins doubles the interval (up to
-    `max_probe_every`), since a probe costs where drafting loses, and drafting again resets it."""
+    """One request's K controller. While K = 0 wins, a probe round of K = 2 keeps the acceptance estimates fresh,
+    paid from the engine's probe credit (CostModel.probe_budget; the module docstring says why)."""
 
     def __init__(self, k_max: int, costs: CostModel, prior: float | None = None, smoothing: float = 0.25,
-                 probe_every: int = 12, max_probe_every: int = 96):
+                 horizon: int = 256):
         if not 0 <= k_max <= 32:
             raise ValueError(f"k_max={k_max}: must be in [0, 32]")
+        if horizon < 1:
+            raise ValueError(f"horizon={horizon}: must be >= 1")
         prior = costs.acceptance if prior is None else prior
         self.k_max = k_max
         self.costs = costs
@@ -192,8 +224,7 @@ class AdaptiveK:
         self.pooled = prior                  # per-token acceptance over every tested position
         self.min_observations = 4
         self.smoothing = smoothing
-        self.probe_every = self.min_probe_every = probe_every
-        self.max_probe_every = max_probe_every
+        self.horizon = horizon               # most tokens a catch-up is spread over
         self._rounds_at_zero = 0
         self.guess_match = prior             # P(the verifier's bonus token == the draft's guess | all K accepted)
         self.guess_observations = 0
@@ -224,28 +255,37 @@ class AdaptiveK:
         return [a if n >= self.min_observations else self.pooled
                 for a, n in zip(self.per_position, self.observations)]
 
-    def choose(self, limit: int | None = None) -> int:
+    def choose(self, limit: int | None = None, lag: int = 0, remaining: int | None = None) -> int:
+        """K for the next round, at most `limit`. `lag`: tokens the draft has not seen (the catch-up a drafting round
+        pays first); `remaining`: tokens the request may still emit (None: unknown, `horizon`)."""
         k_cap = self.k_max if limit is None else max(0, min(self.k_max, limit))
         if k_cap == 0:
             return 0
-        if not self.costs.calibrated:
+        c = self.costs
+        if not c.calibrated:
             return min(k_cap, 4)
         acceptance = self.acceptance
-        best_k, best_rate = 0, expected_tokens(acceptance, 0) / self.costs.round_cost(0)
+        horizon = max(1, min(self.horizon, remaining if remaining is not None else self.horizon))
+        catchup = c.catchup_cost(lag)
+        t0 = c.round_cost(0)
+        best_k, best_per_token = 0, t0              # seconds per emitted token over the horizon
         for k in range(1, k_cap + 1):
-            rate = expected_tokens(acceptance, k) / self.costs.round_cost(k, self.hit_probability(k))
-            if rate > best_rate * 1.0001:
-                best_k, best_rate = k, rate
-        if best_k == 0:
-            self._rounds_at_zero += 1
-            if self._rounds_at_zero >= self.probe_every:
-                self._rounds_at_zero = 0
-                self.probe_every = min(self.max_probe_every, self.probe_every * 2)   # the next one waits longer
-                return min(2, k_cap)
-        else:
+            per_token = c.round_cost(k, self.hit_probability(k)) / expected_tokens(acceptance, k) + catchup / horizon
+            if per_token * 1.0001 < best_per_token:
+                best_k, best_per_token = k, per_token
+        if best_k:
             self._rounds_at_zero = 0
-            self.probe_every = self.min_probe_every
-        return best_k
+            return best_k
+        if self._rounds_at_zero:                    # a probe follows a K = 0 round (never a request's first round)
+            probe = min(2, k_cap)
+            loss = max(0.0, catchup + c.round_cost(probe) - expected_tokens(acceptance, probe) * t0)
+            if c.probe_credit >= loss:
+                c.probe_credit -= loss
+                self._rounds_at_zero = 0
+                return probe
+        self._rounds_at_zero += 1
+        c.probe_credit += c.probe_budget * t0
+        return 0
 
     def observe(self, k: int, num_accepted: int) -> None:
         """Position i < n was accepted; position n (if < K) was rejected; later ones were never tested."""

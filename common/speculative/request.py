@@ -31,6 +31,7 @@ class Request:
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     output_logprobs: list[TokenLogprob] = field(default_factory=list)    # aligned with output_ids (logprobs asked)
+    draft_seen: int = 0                        # context tokens the draft's KV holds, as the rounds left it
 
     def __post_init__(self):
         self.pending = list(self.prompt_ids)
@@ -45,6 +46,12 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def draft_lag(self) -> int:
+        """Tokens a drafting round would feed the draft before its first step beyond the usual one: the prompt
+        before the first drafting round, and whatever K = 0 rounds emitted since the last."""
+        return max(0, self.num_tokens - self.draft_seen - 1)
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -56,13 +63,19 @@ class Request:
         room = max_model_len - self.num_tokens           # the verifier's KV must hold committed + K tokens
         if k_limit is not None:
             room = min(room, k_limit)
-        k = self.controller.choose(limit=room) if self.controller is not None else self.fixed_k
+        if self.controller is not None:
+            k = self.controller.choose(limit=room, lag=self.draft_lag,
+                                       remaining=self.params.max_tokens - len(self.output_ids))
+        else:
+            k = self.fixed_k
         return max(0, min(k, room, self.params.max_tokens - len(self.output_ids) - 1))
 
     def apply(self, outcome: VerifyOutcome, stop: StopConditions) -> list[int]:
         """Book one verified round: its statistics, what the K controller learns, and the emitted tokens up to
         the first stop condition. Returns the tokens actually appended."""
         self.stats.record(outcome.num_drafted, outcome.num_accepted)
+        if outcome.num_drafted:       # the draft fed the context and its first K - 1 drafts; the accepted ones stay
+            self.draft_seen = self.num_tokens + min(outcome.num_accepted, outcome.num_drafted - 1)
         if self.controller is not None and outcome.num_drafted:
             self.controller.observe(outcome.num_drafted, outcome.num_accepted)
         return self._commit(outcome.emitted, stop, outcome.logprobs)
@@ -112,16 +125,21 @@ def observe_pass_costs(costs: CostModel, batch: Sequence[Request], *, draft_step
                        verify_compute_s: float | None = None) -> None:
     """Feed one pass's timings to the shared cost model. Call before `apply`.
 
-    A round that also prefilled says nothing of steady-state cost: a request's first round prefills the draft, so
-    does the first drafting round after plain-decoding (K = 0) rounds (the draft catches up on every token they
-    emitted: timed as "K steps" it would price a draft step at 2-3x its cost, and keep K at 0), and a round whose
-    pending tokens are more than the last emitted one (the prompt, a re-prefill) prefills the target.
+    A round that also prefilled says nothing of steady-state cost. A drafting round whose draft first caught up
+    (a request's first, or the first after plain-decoding (K = 0) rounds: the draft feeds every token it missed)
+    prices the catch-up per token instead of a draft step (timed as "K steps" it would price a step at 2-3x its cost
+    and keep K at 0). A round whose pending tokens are more than the last emitted one (the prompt, a re-prefill)
+    prefills the target and prices nothing on the verify side.
     `draft_s=None`: no draft call whose time means anything (none made, a model-free proposer, or a pre-drafted
     proposal, whose call overlapped the previous verify). `*_compute_s`: what a remote service reports
     computing (the rest of the call's time is its fixed cost); None in process.
     """
-    if draft_s is not None and draft_steps > 0 and all(r.stats.k_chosen and r.stats.k_chosen[-1] for r in batch):
-        costs.observe_draft(draft_steps, draft_s, draft_compute_s)
+    if draft_s is not None and draft_steps > 0:
+        lag = sum(r.draft_lag for r in batch)
+        if lag > len(batch):
+            costs.observe_catchup(lag, draft_steps, draft_s if draft_compute_s is None else draft_compute_s)
+        else:
+            costs.observe_draft(draft_steps, draft_s, draft_compute_s)
     if all(len(r.pending) == 1 for r in batch):
         costs.observe_verify(verify_tokens, verify_s, verify_compute_s)
 

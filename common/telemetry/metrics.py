@@ -63,8 +63,8 @@ RPC_NETWORK = Histogram("specd_rpc_network_seconds", "A gateway call's time beyo
                         "computing and queueing: round trip + serialization, measured on every call", ["service"],
                         buckets=_LATENCY_BUCKETS)
 COST_MODEL = Gauge("specd_cost_model_seconds", "The K controller's cost model: draft_call / verify_call (fixed cost "
-                   "per call: round trip, serialization, queue), draft_step, verify_base (1-token pass), "
-                   "verify_per_token", ["part"])
+                   "per call: round trip, serialization, queue), draft_step, draft_catchup (per token the draft "
+                   "feeds to catch up after K = 0 rounds), verify_base (1-token pass), verify_per_token", ["part"])
 PRE_DRAFTS = Counter("specd_pre_drafts", "Next-round proposals drafted while a round was verified, by outcome: "
                      "hit (used as the next round's proposal), miss (the verifier corrected a draft, or the bonus "
                      "token was not the guess), failed (the call failed; the round drafted afresh)", ["outcome"])
@@ -177,7 +177,8 @@ def record_round(k_chosen: int, drafted: int, accepted: int, emitted: int, secon
 
 def watch_costs(costs) -> None:
     """The gateway's shared CostModel, read when scraped (nothing runs per round)."""
-    for part, attr in (("draft_call", "draft_call"), ("draft_step", "t_draft"), ("verify_call", "verify_call"),
+    for part, attr in (("draft_call", "draft_call"), ("draft_step", "t_draft"),
+                       ("draft_catchup", "t_catchup"), ("verify_call", "verify_call"),
                        ("verify_base", "t_verify_base"), ("verify_per_token", "t_verify_per_token")):
         COST_MODEL.labels(part).set_function(lambda attr=attr: getattr(costs, attr))
 

@@ -25,17 +25,62 @@ def test_high_acceptance_and_cheap_draft_choose_long_drafts():
     assert ctl.choose() == 8
 
 
-def test_low_acceptance_falls_back_to_plain_decoding_and_probes_less_and_less_often():
-    ctl = AdaptiveK(8, _costs(t_draft=0.05))
+def test_low_acceptance_falls_back_to_plain_decoding_and_probes_within_the_budget():
+    costs = _costs(t_draft=0.05)
+    ctl = AdaptiveK(8, costs)                                       # no lag given: a probe costs only its round
     choices = []
     for _ in range(400):
         k = ctl.choose()
         choices.append(k)
         ctl.observe(k, 0)                                           # nothing ever accepted
     probes = [i for i, k in enumerate(choices) if k > 0 and i > 10]
-    gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert choices[-100:].count(0) >= 98                            # plain decoding, with a rare probe
-    assert gaps[:3] == [24, 48, 96] and set(gaps[3:]) == {96}       # each fruitless probe doubles the wait, capped
+    assert choices[-100:].count(0) >= 95                            # plain decoding, with a rare probe
+    assert len(probes) >= 3                                         # it keeps looking
+    # Once the estimates have settled at ~0, each probe loses (2 drafts + a 3-token verify) - 1 plain step = 0.1 s,
+    # and each K = 0 round earns 3% of its 0.1 s: at most one probe per ~33 plain rounds.
+    late = choices[200:]
+    spent = sum(1 for k in late if k) * (2 * 0.05 + 0.1 - 0.1)
+    assert spent <= 0.03 * 0.1 * late.count(0) + 0.1
+
+
+def test_a_probe_prices_the_catch_up_so_a_long_stretch_at_k0_stops_probing():
+    """A probe first feeds the draft every token it missed. Where that costs more per token than the budget earns
+    per K = 0 round (3% of a step), probing inside the request stops; a new request, whose draft has only its
+    prompt to catch up on, spends the credit instead."""
+    costs = _costs(t_draft=0.02, t_verify=0.04)
+    costs.t_catchup = 0.0025                                        # 6% of a plain step per missed token
+    ctl = AdaptiveK(8, costs, prior=0.3)
+    lag, probes = 30, 0
+    for _ in range(300):
+        k = ctl.choose(lag=lag, remaining=1000)
+        if k:
+            probes += 1
+            ctl.observe(k, 0)
+            lag = 1
+        else:
+            lag += 1
+    assert probes <= 1
+    assert costs.probe_credit > costs.catchup_cost(20) + 2 * 0.02    # what a short catch-up probe needs
+    fresh = AdaptiveK(8, costs, prior=0.3)
+    assert fresh.choose(lag=0) == 0                                  # a first round never probes
+    assert fresh.choose(lag=20, remaining=100) == 2                  # the next does, on the credit
+
+
+def test_leaving_k0_repays_the_catch_up_only_over_enough_remaining_tokens():
+    costs = _costs(t_draft=0.01, t_verify=0.04)
+    costs.t_catchup = 0.002
+    ctl = AdaptiveK(8, costs, prior=0.7)
+    assert ctl.choose(lag=0, remaining=100) > 0                     # drafting pays at this acceptance
+    assert ctl.choose(lag=60, remaining=200) > 0                    # 0.12 s of catch-up spread over 200 tokens
+    assert ctl.choose(lag=60, remaining=4) == 0                     # ... but not over 4
+
+
+def test_the_catch_up_is_priced_per_token_from_what_a_call_took_beyond_its_steps():
+    costs = _costs(t_draft=0.02)
+    assert costs.catchup_cost(16) == pytest.approx(16 * 0.02 / 8)   # unmeasured: an eighth of a step per token
+    costs.observe_catchup(tokens=40, steps=2, compute_s=0.04 + 0.1)
+    assert costs.t_catchup == pytest.approx(0.1 / 40)
+    assert costs.catchup_cost(10) == pytest.approx(10 * 0.1 / 40)
 
 
 def test_a_new_request_starts_from_the_acceptance_the_last_ones_showed():
@@ -194,17 +239,38 @@ def test_lengths_not_run_lately_follow_the_machines_speed_and_keep_their_shape()
     assert costs.verify_compute(5) / costs.verify_compute(1) > 52 / 38         # followed, not snapped to the shape
 
 
-def test_the_draft_call_after_plain_decoding_rounds_is_not_priced_as_steps():
+def test_the_draft_call_after_plain_decoding_rounds_prices_the_catch_up_not_steps():
+    from common.speculative.outcome import VerifyOutcome
     from common.speculative.params import SamplingParams
-    from common.speculative.request import Request, observe_pass_costs
+    from common.speculative.request import Request, StopConditions, observe_pass_costs
     costs = _measured({1: 0.03}, t_draft=0.01)
+    stop = StopConditions(frozenset(), 4096)
     r = Request([1, 2, 3], SamplingParams(max_tokens=50))
-    for k in (4, 0, 0, 0):
-        r.stats.record(k, 0)
-    r.pending = [9]
+    r.apply(VerifyOutcome([5, 6], 7, 4), stop)                      # a drafting round: the draft saw everything
+    assert r.draft_lag == 0
+    for token in (8, 9, 10):
+        r.apply(VerifyOutcome([], token, 0), stop)                  # three K = 0 rounds the draft did not see
+    assert r.draft_lag == 3
     # K = 2 after three K = 0 rounds: the draft also caught up on their tokens (0.05 s for "2 steps")
     observe_pass_costs(costs, [r], draft_steps=2, draft_s=0.05, verify_tokens=3, verify_s=0.03)
     assert costs.t_draft == pytest.approx(0.01)
-    r.stats.record(2, 1)                                            # the next round follows a drafting one
+    assert costs.t_catchup == pytest.approx((0.05 - 2 * 0.01) / 3)
+    r.apply(VerifyOutcome([11], 12, 2), stop)                       # the next round follows a drafting one
+    assert r.draft_lag == 0
     observe_pass_costs(costs, [r], draft_steps=2, draft_s=0.024, verify_tokens=3, verify_s=0.03)
     assert costs.t_draft == pytest.approx(0.8 * 0.01 + 0.2 * 0.012)
+
+
+def test_a_first_round_prices_the_drafts_prompt_prefill_over_the_requests_tokens():
+    from common.speculative.params import SamplingParams
+    from common.speculative.request import Request
+    costs = _costs(t_draft=0.01, t_verify=0.04)
+    costs.t_catchup = 0.002
+    def first_k(prompt_len, max_tokens):
+        r = Request(list(range(prompt_len)), SamplingParams(max_tokens=max_tokens),
+                    controller=AdaptiveK(8, costs, prior=0.7))
+        assert r.draft_lag == prompt_len - 1                      # the draft has seen nothing yet
+        return r.choose_k(4096, can_draft=True)
+    assert first_k(8, 16) > 0                                      # a short prompt: drafting pays at once
+    assert first_k(300, 16) == 0                                   # 0.6 s of draft prefill for 16 tokens: never
+    assert first_k(300, 1000) > 0                                  # ... repaid over a long answer
