@@ -9,18 +9,19 @@ Leaving K = 0 has a price of its own: the draft has not seen the tokens the K = 
 round first feeds them (the catch-up: one prefill pass, measured per token). The controller minimises the seconds per
 token over the request's remaining tokens (capped at `horizon`), so the catch-up is spread over the rounds that can
 repay it, and near a request's end it is not paid at all. A request's first round prices the draft's prompt prefill
-the same way: where drafting barely pays, a short request does not prefill the draft at all (measured: an int8
-draft's prefill of a 60-token prompt took 150-250 ms, 6-10% of a 64-token request that then gained nothing).
+the same way: where drafting barely pays, a short request does not prefill the draft at all (measured on a 2-core
+CPU: an int8 draft's first round on a 60-token prompt took 100-280 ms longer than a plain first round, 4-10% of a
+64-token request in which drafting then gained nothing).
 
 While K = 0 wins, a short probe round (K = 2) keeps the acceptance estimates fresh; it is paid from a budget shared by
 the engine's requests: each K = 0 round earns `probe_budget` (3%) of its cost, and a probe runs once the credit covers
 its expected loss (its catch-up, plus its cost beyond the tokens it is expected to emit at K = 0 prices). Probing thus
-never costs more than 3% of the time spent at K = 0, and the credit saved up is capped (4 plain rounds' cost), so a
-long stretch at K = 0 cannot pay for a burst of probes later. Measured on a 2-core CPU with an int8 draft, the catch-up is
-~2.3 ms per missed token against a 37 ms plain step: the old schedule (a probe every 12, 24, 48… rounds, catch-up
-unpriced) spent ~9% of a 64-token request there, and K=auto ran at 0.92x plain decoding. Where catching up costs more
-than the budget earns (a long request at K = 0 on such a CPU), probes come at the start of the next requests, where the
-draft has only a prompt to catch up on.
+costs at most 3% of the time spent at K = 0 (by the controller's own estimate of each probe's loss), and the credit
+saved up is capped (4 plain rounds' cost), so a long stretch at K = 0 cannot pay for a burst of probes later. Measured on a 2-core CPU with an int8 draft, the
+catch-up is ~2.3 ms per missed token against a 37 ms plain step. At that price the old schedule (a probe after 12, 24,
+48… plain rounds, catch-up unpriced) spends ~9% of a 64-token request on probes, and K=auto measured 0.92x plain
+decoding on such a prompt. Where catching up costs more than the budget earns (a long request at K = 0 on such a CPU),
+probes come at the start of the next requests, where the draft has only a prompt to catch up on.
 
 The verify pass is priced by its own length, t_verify(n) for n = K + 1 tokens, as measured (an EMA per n), never
 read off a straight line: real curves are not straight. With avx512_bf16 a pass of 2..8 rows costs about one row;
