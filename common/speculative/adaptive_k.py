@@ -17,11 +17,12 @@ While K = 0 wins, a short probe round (K = 2) keeps the acceptance estimates fre
 the engine's requests: each K = 0 round earns `probe_budget` (3%) of its cost, and a probe runs once the credit covers
 its expected loss (its catch-up, plus its cost beyond the tokens it is expected to emit at K = 0 prices). Probing thus
 costs at most 3% of the time spent at K = 0 (by the controller's own estimate of each probe's loss), and the credit
-saved up is capped (4 plain rounds' cost), so a long stretch at K = 0 cannot pay for a burst of probes later. Measured on a 2-core CPU with an int8 draft, the
-catch-up is ~2.3 ms per missed token against a 37 ms plain step. At that price the old schedule (a probe after 12, 24,
-48… plain rounds, catch-up unpriced) spends ~9% of a 64-token request on probes, and K=auto measured 0.92x plain
-decoding on such a prompt. Where catching up costs more than the budget earns (a long request at K = 0 on such a CPU),
-probes come at the start of the next requests, where the draft has only a prompt to catch up on.
+saved up is capped (4 plain rounds' cost), so a long stretch at K = 0 cannot pay for a burst of probes later.
+Measured on a 2-core CPU with an int8 draft, a catch-up pass costs 1.5-1.9 ms per missed token beyond its step (48
+tokens: 110 ms, one step: 23 ms) against a 37 ms plain target step. At that price the old schedule (a probe after 12,
+24, 48… plain rounds, catch-up unpriced) spends ~6-7% of a 64-token request on probes (computed), and K=auto measured
+0.92x plain decoding on such a prompt. Where catching up costs more than the budget earns (a long request at K = 0
+on such a CPU), probes come at the start of the next requests, where the draft has only a prompt to catch up on.
 
 The verify pass is priced by its own length, t_verify(n) for n = K + 1 tokens, as measured (an EMA per n), never
 read off a straight line: real curves are not straight. With avx512_bf16 a pass of 2..8 rows costs about one row;
