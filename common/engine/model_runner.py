@@ -76,6 +76,9 @@ class ModelRunner:
             tiles = batch_invariant.enable(self.model, mc.num_heads // tp_size, mc.num_kv_heads // tp_size,
                                            mc.head_dim, self.dtype, self.device)
             log.info("batch-invariant numerics on: row tiles %s", sorted(set(tiles.values())))
+        why_not = self.model.flatten(self.device)
+        log.info("decode and verify passes: %s", "one flat loop of kernel calls" if not why_not else
+                 f"the layers' forward ({why_not})")
         self.block_size = config.block_size
         num_blocks = config.resolved_num_kv_blocks(mc)
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, self.block_size,

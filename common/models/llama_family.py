@@ -16,6 +16,7 @@ from common.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from common.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from common.layers.norm import RMSNorm
 from common.layers.rotary import RotaryEmbedding
+from common.models.flat_decoder import FlatDecoder
 
 
 class Attention(nn.Module):
@@ -118,6 +119,14 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.flat: FlatDecoder | None = None      # the layers as one loop of kernel calls (`flatten`)
+
+    def flatten(self, device: torch.device) -> str:
+        """Run decode and verify passes through the layers as one flat loop of kernel calls where the kernels serve
+        the whole model (common/models/flat_decoder.py): after quantizing, prepacking and batch-invariant mode, which
+        choose the kernels. -> "" when on, else why not."""
+        self.flat, reason = FlatDecoder.of(self.model, self.model.norm.weight.dtype, device)
+        return reason
 
     def quantize_weights(self, method: str, gguf=None, head: str | None = None) -> None:
         """Quantize every matmul's weights (common/layers/quantization.py; on the VNNI kernel the activations go
@@ -152,9 +161,12 @@ class LlamaFamilyForCausalLM(nn.Module):
                 meta: AttentionMetadata, logits_index: torch.Tensor) -> torch.Tensor:
         # input_ids, positions [T]; logits_index [N] rows of T whose next-token logits are wanted -> [N, vocab]
         hidden = self.model.embed_tokens(input_ids)                   # [T, hidden]
-        residual = None
-        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, meta)
+        if self.flat is not None and self.flat.serves(meta):
+            hidden, residual = self.flat(positions, hidden, kv_caches, meta)
+        else:
+            residual = None
+            for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches):
+                hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, meta)
         # the norm is per token: only the rows we need (index_select copies, so the in-place add is safe)
         hidden, _ = self.model.norm(hidden.index_select(0, logits_index), residual.index_select(0, logits_index))
         return self.lm_head(hidden)
