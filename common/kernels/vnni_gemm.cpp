@@ -108,7 +108,9 @@ inline void tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn
   }
 }
 
-constexpr int kRowsPerPass = 4;
+// Rows per pass over a tile's weights: a verify pass of K + 1 <= 8 rows unpacks each group of codes once (8
+// accumulators + 8 unpacked operands + 4 scales fit the 32 registers). A row's arithmetic is the same in any pass.
+constexpr int kRowsPerPass = 8;
 
 template <int BITS, typename O>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c")))
@@ -119,9 +121,11 @@ void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::
   for (; m0 + kRowsPerPass <= M; m0 += kRowsPerPass)
     tile_rows<BITS, kRowsPerPass, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias);
   switch (M - m0) {
-    case 3: tile_rows<BITS, 3, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
-    case 2: tile_rows<BITS, 2, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
-    case 1: tile_rows<BITS, 1, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
+#define SPECD_REMAINDER(R) \
+    case R: tile_rows<BITS, R, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, y, ldy, bias); break;
+    SPECD_REMAINDER(7) SPECD_REMAINDER(6) SPECD_REMAINDER(5) SPECD_REMAINDER(4) SPECD_REMAINDER(3)
+    SPECD_REMAINDER(2) SPECD_REMAINDER(1)
+#undef SPECD_REMAINDER
     default: break;
   }
 }
