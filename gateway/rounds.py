@@ -103,13 +103,16 @@ class RoundRunner:
                         if guess is not None and r.controller is not None:
                             r.controller.observe_guess(guess == r.context[-1])
                         pre = None
+                    beside = 0                               # K drafted beside this round's prefill
                     if draft is not None and can_draft:
                         k = len(draft.token_ids)             # chosen, within the limits, when it was asked for
                     else:
                         draft = None
                         k = r.choose_k(self.max_model_len, can_draft,
                                        k_limit=self._k_limit(r) if can_draft else None)
-                        if k:
+                        if k and self._drafts_beside_prefill(r):
+                            beside, k = k, 0
+                        elif k:
                             draft, draft_s, draft_compute_s = await self._propose(r, request_id, k, sampling,
                                                                                   cache_namespace)
                     fallback = draft_down or (k > 0 and draft is None)
@@ -118,6 +121,10 @@ class RoundRunner:
                                                                 cache_namespace))
                     if draft is not None:
                         pre = self._start_pre_draft(r, request_id, draft, sampling, cache_namespace)
+                    elif beside:
+                        pre = self._pre_draft(r, request_id, list(r.context), beside, sampling, cache_namespace)
+                        if pre is not None:
+                            r.draft_seen = r.num_tokens      # its prefill: the next round's draft has no lag
                     try:
                         reply, verify_s = await verify
                     finally:
@@ -151,6 +158,14 @@ class RoundRunner:
             await self._release(route.replica, route.session)
             self.verifiers.unpin(route.replica)
 
+    def _drafts_beside_prefill(self, r: Request) -> bool:
+        """A request's first round under K=auto verifies the prompt alone and pre-drafts round 2 beside it: the
+        draft's prefill of the prompt then runs while the verifier prefills it, instead of before, and the first
+        token comes as soon as the verifier has it (a drafting first round made it wait for the draft's prefill
+        and K steps too: ~6x the time to first token of K = 0 in bench-serve-peers)."""
+        return (self.pre_draft and self.draft_link.pre_draft_ok and r.controller is not None
+                and r.stats.rounds == 0 and len(r.pending) == r.num_tokens)
+
     def _start_pre_draft(self, r: Request, request_id: str, draft: draft_pb2.ProposeReply, sampling,
                          cache_namespace: str) -> PreDraft | None:
         """Ask for round r + 1's proposal now, for the outcome "every draft of `draft` accepted, the bonus token
@@ -159,14 +174,22 @@ class RoundRunner:
         if not (self.pre_draft and self.draft_link.pre_draft_ok):
             return None
         k = len(draft.token_ids)
-        base = r.context + list(draft.token_ids)
-        after = len(base) + 1                                    # + the guessed bonus token
+        if r.controller is not None and not r.controller.should_pre_draft(k):
+            return None
+        return self._pre_draft(r, request_id, r.context + list(draft.token_ids), k, sampling, cache_namespace,
+                               emitted_before=k + 1)
+
+    def _pre_draft(self, r: Request, request_id: str, base: list[int], k: int, sampling, cache_namespace: str,
+                   emitted_before: int = 1) -> PreDraft | None:
+        """A pre-draft of up to `k` tokens after `base` + the draft's guess, for the next round (`emitted_before`:
+        the tokens this round emits if it goes as guessed); None when the next round has no room for drafts."""
+        after = len(base) + 1                                    # + the guessed token
         limit = min(self.draft_link.k_limit(after), self.max_model_len - after,
-                    r.params.max_tokens - (len(r.output_ids) + k + 1) - 1)
+                    r.params.max_tokens - (len(r.output_ids) + emitted_before) - 1)
         if self.verifier_k_max is not None:
             limit = min(limit, self.verifier_k_max)
         k_next = min(k, limit)
-        if k_next <= 0 or (r.controller is not None and not r.controller.should_pre_draft(k)):
+        if k_next <= 0:
             return None
         task = asyncio.ensure_future(self._propose(r, request_id, k_next, sampling, cache_namespace,
                                                    context=base, round_index=r.stats.rounds + 1, guess_next=True))

@@ -63,7 +63,11 @@ class CostSpy(CostModel):
     """Records what the runner feeds the shared cost model."""
     def __init__(self):
         super().__init__()
-        self.drafts, self.verifies = [], []
+        self.drafts, self.verifies, self.catchups = [], [], []
+
+    def observe_catchup(self, tokens, steps, compute_s):
+        self.catchups.append(tokens)
+        super().observe_catchup(tokens, steps, compute_s)
 
     def observe_draft(self, steps, seconds, compute_s=None):
         self.drafts.append(steps)

@@ -10,7 +10,7 @@ from common.speculative.adaptive_k import AdaptiveK, CostModel
 from common.speculative.params import SamplingParams
 from common.speculative.request import Request
 from tests.gateway.fake_stubs import FakeDraft, FakeVerifier, target_output
-from tests.gateway.round_harness import PROMPT, Code, collect, request, runner
+from tests.gateway.round_harness import PROMPT, Code, CostSpy, collect, drafts_per_round, request, runner
 
 
 def _counter(outcome: str) -> float:
@@ -129,3 +129,45 @@ def test_the_controller_learns_how_often_the_guess_is_right():
     r = Request(list(PROMPT), SamplingParams(max_tokens=60), controller=AdaptiveK(4, costs))
     collect(runner(verifier, draft, pre_draft=True, costs=costs), r)
     assert r.controller.guess_observations > 3 and r.controller.guess_match < 0.6    # prior 0.6, about half right
+
+
+def _auto(max_tokens: int, costs: CostModel) -> Request:
+    return Request(list(PROMPT), SamplingParams(max_tokens=max_tokens), controller=AdaptiveK(4, costs))
+
+
+def test_under_k_auto_the_first_round_verifies_the_prompt_alone_while_the_draft_prefills_it():
+    verifier, draft = FakeVerifier(), FakeDraft()
+    costs = CostModel()
+    r = _auto(40, costs)
+    assert sum(collect(runner(verifier, draft, pre_draft=True, costs=costs), r), []) == target_output(PROMPT, 40)
+    first_verify = verifier.answered[0][0]
+    assert list(first_verify.new_tokens) == PROMPT and not first_verify.draft_token_ids
+    first_propose = draft.answered[0][0]
+    assert first_propose.guess_next and list(first_propose.context_token_ids) == PROMPT and first_propose.round == 1
+    assert not any(q.round == 1 and not q.guess_next for q, _ in draft.answered)    # round 1 took the pre-draft
+    assert all(drafts_per_round(verifier)[1:])
+    _check_every_verify_used_a_proposal_of_its_own_context(verifier, draft, PROMPT + r.output_ids)
+
+
+def test_a_wrong_first_guess_drafts_afresh_with_no_catch_up_to_price():
+    verifier, draft = FakeVerifier(), FakeDraft(wrong_guess=lambda pos: pos == len(PROMPT))
+    costs = CostSpy()
+    r = _auto(30, costs)
+    lags = []
+    chunks = collect(runner(verifier, draft, pre_draft=True, costs=costs), r, between=lambda r: lags.append(r.draft_lag))
+    assert sum(chunks, []) == target_output(PROMPT, 30)
+    assert len(chunks[0]) == 1 and lags[0] == 0            # one token, and the draft has seen the prompt
+    second = [req for req, _ in draft.answered if req.round == 1 and not req.guess_next]
+    assert len(second) == 1 and list(second[0].context_token_ids) == PROMPT + chunks[0]
+    assert costs.catchups == [] and costs.drafts[0] == second[0].k      # priced as draft steps
+    _check_every_verify_used_a_proposal_of_its_own_context(verifier, draft, PROMPT + r.output_ids)
+
+
+@pytest.mark.parametrize("pre_draft", [False, True])
+def test_a_fixed_k_or_no_pre_drafting_drafts_in_the_first_round(pre_draft):
+    # The negative controls of the test above: only K=auto with pre-drafting moves the first round's drafts.
+    verifier, draft = FakeVerifier(), FakeDraft()
+    costs = CostModel()
+    r = request(max_tokens=20, k=3) if pre_draft else _auto(20, costs)
+    assert sum(collect(runner(verifier, draft, pre_draft=pre_draft, costs=costs), r), []) == target_output(PROMPT, 20)
+    assert verifier.answered[0][0].draft_token_ids and not draft.answered[0][0].guess_next
