@@ -18,6 +18,7 @@ bf16's over a fixed text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import statistics
@@ -142,16 +143,48 @@ class SpecdWorker:
         return payload
 
     def generate(self, text: str, chat: bool, n: int) -> dict:
-        self.conn.send(("generate", (text, chat, n)))
+        self._send(("generate", (text, chat, n)))
         return self._recv()
 
     def logprobs(self, path: str) -> str:
-        self.conn.send(("logprobs", path))
+        self._send(("logprobs", path))
         return self._recv()
 
+    def _send(self, msg) -> None:
+        try:
+            self.conn.send(msg)
+        except (BrokenPipeError, EOFError, OSError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            why = " (killed: out of memory?)" if code == -9 else ""
+            raise RuntimeError(f"{self.name}: its worker process died, exit code {code}{why}") from None
+
     def close(self) -> None:
-        self.conn.send(None)
+        with contextlib.suppress(BrokenPipeError, EOFError, OSError):
+            self.conn.send(None)
         self.proc.join(30)
+
+
+# Left after loading: each specd worker's runs need room beyond its load (activations, logits, its calibration's
+# passes), and a loaded set that left ~3 GiB of 23 met the OOM killer at its first generation.
+BASE_AVAILABLE_GIB, PER_WORKER_GIB = 1.0, 0.5
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def check_memory_left(loaded: list[str], workers: int) -> None:
+    """Refuse to go on once the loaded systems leave too little memory to run `workers` specd workers: the first
+    generation would meet the OOM killer (the default list with llama.cpp's servers did, on 23 GiB)."""
+    left, need = available_gib(), BASE_AVAILABLE_GIB + PER_WORKER_GIB * workers
+    if left < need:
+        raise SystemExit(f"bench-peers: after loading {', '.join(loaded)} only {left:.1f} GiB of memory is available, "
+                         f"{need:.1f} GiB needed to run {workers} specd workers; measure fewer systems at once "
+                         "(--specd, --llama-draft-max)")
 
 
 # ---- llama.cpp -----------------------------------------------------------------------------------------------
@@ -206,7 +239,8 @@ def main(argv=None) -> int:
         for name in args.specd:                   # one at a time: loading is memory- and CPU-heavy
             t = time.perf_counter()
             workers[name] = SpecdWorker(name, SPECD[name], paths, args.threads)
-            print(f"loaded {name} in {time.perf_counter() - t:.0f}s", flush=True)
+            print(f"loaded {name} in {time.perf_counter() - t:.0f}s, {available_gib():.1f} GiB left", flush=True)
+            check_memory_left([*servers, *workers], len(workers))
         systems = [*servers, *workers]
         prompts = PROMPTS[:args.prompts]
         results = {(s, i): [] for s in systems for i in range(len(prompts))}

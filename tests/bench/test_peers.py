@@ -21,3 +21,28 @@ def test_a_quantized_model_reads_fewer_bytes_per_pass(tiny_checkpoints):
 def test_read_bandwidth_is_a_plausible_number():
     gbs = measure_read_bandwidth(threads=1, gib=0.05, reps=2)
     assert 0.1 < gbs < 2000
+
+
+def test_a_loaded_set_that_leaves_too_little_memory_is_refused_before_it_runs(monkeypatch):
+    from bench import peers
+    assert 0 < peers.available_gib() < float("inf")
+    monkeypatch.setattr(peers, "available_gib", lambda: 2.0)
+    peers.check_memory_left(["llama.cpp", "specd int4"], workers=1)           # 1.5 GiB needed: goes on
+    with pytest.raises(SystemExit, match=r"only 2.0 GiB .* 3.0 GiB needed to run 4 specd workers"):
+        peers.check_memory_left(["llama.cpp", "a", "b", "c", "d"], workers=4)
+
+
+def test_a_dead_worker_is_named_with_its_exit_code():
+    import multiprocessing as mp
+
+    from bench.peers import SpecdWorker
+    w = SpecdWorker.__new__(SpecdWorker)
+    w.name = "specd int4"
+    w.conn, child = mp.Pipe()
+    w.proc = mp.get_context("spawn").Process(target=int)
+    w.proc.start()
+    w.proc.join()
+    child.close()                                              # nobody reads the pipe any more
+    with pytest.raises(RuntimeError, match="specd int4: its worker process died, exit code 0"):
+        w.generate("text", False, 4)
+    w.close()                                                  # closing a dead worker raises nothing
