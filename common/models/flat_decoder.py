@@ -22,6 +22,7 @@ import torch
 
 from common.kernels import layer_ops, row_attention, vnni_gemm
 from common.layers.attention import AttentionMetadata
+from common.layers.batch_invariant import row_kernel_runs
 from common.layers.linear import RowParallelLinear
 
 Matmul = Callable[[torch.Tensor], torch.Tensor]
@@ -53,16 +54,19 @@ class FlatDecoder:
         """(the flat loop of `model` (a DecoderModel), "") where the kernels serve all of it, else (None, why)."""
         if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return None, f"the kernels run on CPU in fp32 or bf16 (here {device.type}, {dtype})"
-        if not layer_ops.enabled():
+        probe = torch.empty(0, dtype=dtype, device=device)     # asked as the layers ask, tensor by tensor
+        if not layer_ops.runs(probe):
             return None, f"the layer ops are off ({layer_ops.unavailable_reason() or layer_ops.ENV + '=torch'})"
-        if not row_attention.available():
+        if not row_kernel_runs(probe):
             return None, f"the row attention kernel is unavailable ({row_attention.unavailable_reason()})"
         layers = list(model.layers)
         if any(layer.self_attn.q_norm is not None for layer in layers):
             return None, "the model has per-head q/k norms (its RoPE runs in PyTorch)"
         norms = [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
-        if any(n.weight.dtype != dtype or n.eps != norms[0].eps for n in norms):
+        if any(n.weight.dtype != dtype for n in norms):
             return None, "the norms' weights are not in the activations' dtype"
+        if any(n.eps != norms[0].eps for n in norms):
+            return None, "the norms' epsilons differ"
         return cls(model, [LayerCalls(layer.input_layernorm.weight, _matmul(layer.self_attn.qkv_proj),
                                       _matmul(layer.self_attn.o_proj), layer.post_attention_layernorm.weight,
                                       _matmul(layer.mlp.gate_up_proj), _matmul(layer.mlp.down_proj))

@@ -74,5 +74,8 @@ def test_the_loop_stays_off_where_the_kernels_do_not_serve_the_model(tiny_checkp
     monkeypatch.setattr(layer_ops, "enabled", lambda: False)
     assert "layer ops are off" in runner.model.flatten(runner.device)
     assert runner.model.flat is None
+    monkeypatch.undo()
+    monkeypatch.setattr(layer_ops, "runs", lambda x: False)       # as the layers' forward asks: so does the loop
+    assert "layer ops are off" in runner.model.flatten(runner.device)
     assert torch.isfinite(runner.forward([SequenceChunk(0, [1, 2, 3])]).logits[0]).all()
     assert torch.isfinite(runner.forward([SequenceChunk(0, [4])]).logits[0]).all()
