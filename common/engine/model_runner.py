@@ -17,6 +17,7 @@ from common.errors import ConfigError, SequenceTooLongError
 from common.kv.block_allocator import BlockAllocator
 from common.kv.block_codec import BlockGeometry
 from common.kv.block_hash import chain_hashes, namespace_root, tenant_root
+from common.kernels import vnni_gemm
 from common.kv.block_table import BlockTable
 from common.kv.kv_cache import PagedKVCache
 from common.kv.prefix_cache import PrefixCache
@@ -64,8 +65,9 @@ class ModelRunner:
         if config.quantization != "none":
             gguf = GgufCodes.open(config.gguf) if config.gguf else None
             self.model.quantize_weights(config.quantization, gguf, head=config.lm_head_quantization)
-            log.info("weights quantized: %s (kernel chosen for this processor; see bench-kernels)",
-                     numerics_of(config.quantization))
+            log.info("weights quantized: %s (kernel chosen for this processor%s; see bench-kernels)",
+                     numerics_of(config.quantization),
+                     f", instructions {vnni_gemm.isa()}" if numerics_of(config.quantization).endswith("/vnni") else "")
             if gguf is not None:
                 log.info("%s", gguf.report())
         if self.device.type == "cpu" and config.cpu_prepack:

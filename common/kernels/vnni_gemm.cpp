@@ -1,4 +1,8 @@
-// Low-bit weights x 8-bit activations on AVX-512 VNNI: the matmuls of decode and verify passes on a CPU.
+// Low-bit weights x 8-bit activations: the matmuls of decode and verify passes on a CPU. Two instruction paths over
+// one weight layout, chosen per processor: AVX-512 VNNI (`vpdpbusd`) and AVX2 (`vpmaddubsw` + `vpmaddwd`, for
+// processors without AVX-512, e.g. AMD Zen 2/3). Both compute every group's integer dot product exactly and then
+// run the same float operations in the same order, so they give the same bits (tests/common/kernels checks each
+// path against one exact reference).
 //
 // Weight layout (built by common/kernels/vnni_gemm.py), for W [N, K], N a multiple of 16, K of S = 32 * G:
 //   tiles of 16 output rows; in a tile, groups of 32 input columns; a super-block is G groups.
@@ -17,6 +21,8 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -130,18 +136,216 @@ void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::
   }
 }
 
+// ---- AVX2 (no AVX-512): the same layout read as two halves of 8 output rows (32 bytes of each 64-byte operand) ----
+namespace avx2 {
+
+#define SPECD_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <typename T>
+SPECD_AVX2 inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else {                                           // bf16 -> fp32: the 16 bits are the top half of the float
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// The value torch would store for fp32 `v` in T (bf16: round to nearest even, NaN kept a quiet NaN), as fp32.
+template <typename T>
+SPECD_AVX2 inline __m256 round_to(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
+    r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
+  }
+}
+
+template <typename T>
+SPECD_AVX2 inline void store8(T* p, __m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(p, v);
+  } else {                                           // the top 16 bits of each rounded lane, packed
+    const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(round_to<T>(v)), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+}
+
+SPECD_AVX2 inline float reduce_max(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+SPECD_AVX2 inline int32_t reduce_add(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// quantize_rows above, in 8-lane vectors: the same scale, rounding (to nearest even) and sums.
+template <typename T>
+SPECD_AVX2 void quantize_rows(const T* x, int64_t M, int64_t K, int8_t* xq, float* xs, float* bx) {
+  const int64_t ng = K / kGroup;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const T* xg = x + m * K + g * kGroup;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = load8(xg + 8 * i);
+      const __m256 peak = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                        _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+      const float a = reduce_max(peak);
+      const float scale = a > 0.f ? a / 127.f : 0.f;
+      const __m256 inv = _mm256_set1_ps(a > 0.f ? 127.f / a : 0.f);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i)
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      // int32 -> int8 with signed saturation; the packs interleave 128-bit lanes, the permute restores the order.
+      const __m256i bytes = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + g * kGroup), bytes);
+      xs[m * ng + g] = scale;
+      const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      bx[m * ng + g] = scale * static_cast<float>(reduce_add(sum));
+    }
+  }
+}
+
+// Rows [m0, m0 + MB) of half `h` (output rows 8h..8h + 7) of one 16-row tile over the whole of K; the same sums as
+// tile_rows above. A group's dot product: `vpmaddubsw` multiplies 4-bit values (0..15) by activation bytes and adds
+// pairs into int16 (|pair| <= 2 * 15 * 127), the group's 8 operands add up in int16 (|sum| <= 30480, no overflow),
+// and `vpmaddwd` by 1 widens to the int32 sum of each lane's 32 products. 8-bit codes are split into their two
+// nibbles, dot = 16 * dot(high, x) + dot(low, x): exact, where u8 x s8 pairs could saturate int16.
+template <int BITS, int MB, typename O>
+SPECD_AVX2 inline void half_tile_rows(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d,
+                                      const at::Half* dmin, const int8_t* xq, const float* xs, const float* bx,
+                                      int64_t K, int G, int64_t m0, int h, O* y, int64_t ldy, const O* bias) {
+  constexpr int kGroupBytes = BITS * 64;
+  const int64_t nb = K / (kGroup * G), ng = K / kGroup;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[MB];
+  for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b * 16 + 8 * h)));
+    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dmin + b * 16 + 8 * h)));
+    for (int gi = 0; gi < G; ++gi) {
+      const int64_t g = b * G + gi;
+      const uint8_t* cg = codes + g * kGroupBytes;
+      if (h == 0)
+        for (int j = 0; j < kGroupBytes / 64; ++j)
+          _mm_prefetch(reinterpret_cast<const char*>(cg + kPrefetch + 64 * j), _MM_HINT_T0);
+      cg += 32 * h;
+      __m256i lo[MB], hi[MB];
+      for (int r = 0; r < MB; ++r) lo[r] = hi[r] = _mm256_setzero_si256();
+      // Not unrolled: unrolled, GCC computes every product first and spills them all to the stack (measured).
+#pragma GCC unroll 1
+      for (int j = 0; j < kGroupBytes / 64; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cg + 64 * j));
+        const __m256i a = _mm256_and_si256(v, low4);
+        const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        for (int r = 0; r < MB; ++r) {
+          const int32_t* xg = reinterpret_cast<const int32_t*>(xq + (m0 + r) * K + g * kGroup);
+          if constexpr (BITS == 4) {     // byte block j: operand 2j in the low nibbles, 2j + 1 in the high ones
+            lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(a, _mm256_set1_epi32(xg[2 * j])));
+            lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(c, _mm256_set1_epi32(xg[2 * j + 1])));
+          } else {                       // operand j: its low and high nibbles
+            const __m256i xb = _mm256_set1_epi32(xg[j]);
+            lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(a, xb));
+            hi[r] = _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(c, xb));
+          }
+        }
+      }
+      const __m256 step = _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc + g * 16 + 8 * h)))));
+      const __m256 low = _mm256_mul_ps(mv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn + g * 16 + 8 * h)))));
+      for (int r = 0; r < MB; ++r) {
+        __m256i dot = _mm256_madd_epi16(lo[r], ones);
+        if constexpr (BITS == 8) dot = _mm256_add_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(hi[r], ones), 4));
+        const __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[(m0 + r) * ng + g]));
+        acc[r] = _mm256_fmadd_ps(scaled, step, acc[r]);
+        acc[r] = _mm256_fnmadd_ps(low, _mm256_set1_ps(bx[(m0 + r) * ng + g]), acc[r]);
+      }
+    }
+  }
+  const __m256 bv = bias != nullptr ? load8(bias + 8 * h) : _mm256_setzero_ps();
+  for (int r = 0; r < MB; ++r) {
+    const __m256 v = bias != nullptr ? _mm256_add_ps(round_to<O>(acc[r]), bv) : acc[r];
+    store8(y + (m0 + r) * ldy + 8 * h, v);
+  }
+}
+
+// 16 registers: passes of 4 rows (4 accumulators, 4 or 8 integer sums, the unpacked operands and the scales).
+constexpr int kRowsPerPass = 4;
+
+template <int BITS, typename O>
+SPECD_AVX2 void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d,
+                     const at::Half* dmin, const int8_t* xq, const float* xs, const float* bx, int64_t M, int64_t K,
+                     int G, O* y, int64_t ldy, const O* bias) {
+  for (int h = 0; h < 2; ++h) {
+    int64_t m0 = 0;
+    for (; m0 + kRowsPerPass <= M; m0 += kRowsPerPass)
+      half_tile_rows<BITS, kRowsPerPass, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, h, y, ldy, bias);
+    switch (M - m0) {
+      case 3: half_tile_rows<BITS, 3, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, h, y, ldy, bias); break;
+      case 2: half_tile_rows<BITS, 2, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, h, y, ldy, bias); break;
+      case 1: half_tile_rows<BITS, 1, O>(codes, sc, mn, d, dmin, xq, xs, bx, K, G, m0, h, y, ldy, bias); break;
+      default: break;
+    }
+  }
+}
+
+#undef SPECD_AVX2
+
+}  // namespace avx2
+
 }  // namespace
 
-bool supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+bool has_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
 }
+
+bool has_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+}
+
+// Tests pin the AVX2 path on a processor that has both, to check that the two give the same bits.
+bool g_force_avx2 = false;
+
+void force_avx2(bool on) {
+  TORCH_CHECK(!on || has_avx2(), "force_avx2: this processor lacks AVX2/FMA/F16C");
+  g_force_avx2 = on;
+}
+
+bool supported() { return has_vnni() || has_avx2(); }
+
+// The instruction path a call takes here: "avx512_vnni" or "avx2" ("" when neither runs).
+std::string isa() { return has_vnni() && !g_force_avx2 ? "avx512_vnni" : has_avx2() ? "avx2" : ""; }
 
 // x [M, K] (any float dtype) -> y [M, N] in x's dtype; bias [N] (optional, x's dtype) added as torch adds it.
 torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, torch::Tensor mn, torch::Tensor d,
                       torch::Tensor dmin, int64_t G, int64_t bits, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(supported(), "vnni_mm: this processor lacks AVX-512 VNNI");
+  TORCH_CHECK(supported(), "vnni_mm: this processor lacks both AVX-512 VNNI and AVX2");
   TORCH_CHECK(bits == 4 || bits == 8, "vnni_mm: bits=", bits, ", must be 4 or 8");
   TORCH_CHECK(x.dim() == 2, "vnni_mm: x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1), NT = codes.size(0), S = kGroup * G;
@@ -172,19 +376,31 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
     TORCH_CHECK(bias->numel() == NT * kTile && bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
                 "vnni_mm: bias must be [", NT * kTile, "] in ", x.scalar_type());
   }
+  const bool vnni = isa() == "avx512_vnni";
   auto run = [&](auto* xp, auto* yp) {
-    quantize_rows(xp, M, K, xq.data(), xs.data(), bx.data());
     using O = std::remove_pointer_t<decltype(yp)>;
+    if (vnni)
+      quantize_rows(xp, M, K, xq.data(), xs.data(), bx.data());
+    else
+      avx2::quantize_rows(xp, M, K, xq.data(), xs.data(), bx.data());
     const O* bp_all = fused_bias ? bias->data_ptr<O>() : nullptr;
     at::parallel_for(0, NT, 8, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const uint8_t* ct = cp + t * tile_bytes;
-        if (bits == 4)
-          tile<4, O>(ct, scp + t * ng * 16, mnp + t * ng * 16, dp + t * nb * 16, dmp + t * nb * 16, xqp, xsp, bp, M,
-                     K, g, yp + t * kTile, ldy, bp_all ? bp_all + t * kTile : nullptr);
+        const uint8_t* tsc = scp + t * ng * 16;
+        const uint8_t* tmn = mnp + t * ng * 16;
+        const at::Half* td = dp + t * nb * 16;
+        const at::Half* tdm = dmp + t * nb * 16;
+        O* ty = yp + t * kTile;
+        const O* tb = bp_all ? bp_all + t * kTile : nullptr;
+        if (vnni && bits == 4)
+          tile<4, O>(ct, tsc, tmn, td, tdm, xqp, xsp, bp, M, K, g, ty, ldy, tb);
+        else if (vnni)
+          tile<8, O>(ct, tsc, tmn, td, tdm, xqp, xsp, bp, M, K, g, ty, ldy, tb);
+        else if (bits == 4)
+          avx2::tile<4, O>(ct, tsc, tmn, td, tdm, xqp, xsp, bp, M, K, g, ty, ldy, tb);
         else
-          tile<8, O>(ct, scp + t * ng * 16, mnp + t * ng * 16, dp + t * nb * 16, dmp + t * nb * 16, xqp, xsp, bp, M,
-                     K, g, yp + t * kTile, ldy, bp_all ? bp_all + t * kTile : nullptr);
+          avx2::tile<8, O>(ct, tsc, tmn, td, tdm, xqp, xsp, bp, M, K, g, ty, ldy, tb);
       }
     });
   };
@@ -198,6 +414,8 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("supported", &supported, "whether this processor runs the kernel (AVX-512 VNNI)");
+  m.def("supported", &supported, "whether this processor runs the kernel (AVX-512 VNNI or AVX2)");
+  m.def("isa", &isa, "the instruction path calls take here: avx512_vnni or avx2");
+  m.def("force_avx2", &force_avx2, "pin the AVX2 path (tests)");
   m.def("vnni_mm", &vnni_mm, "x [M, K] @ W [N, K]^T, W in 4 or 8 bits, activations in 8");
 }

@@ -1,11 +1,14 @@
-"""4- and 8-bit weights times 8-bit activations on AVX-512 VNNI (`vnni_gemm.cpp`): the CPU decode matmul.
+"""4- and 8-bit weights times 8-bit activations (`vnni_gemm.cpp`): the CPU decode matmul, on AVX-512 VNNI or AVX2.
 
 Why our own kernel: decoding reads every weight once per token, and a verify pass reads them once for K+1 rows.
 PyTorch's int4 CPU kernel (`_weight_int4pack_mm_for_cpu`) dequantizes to floats and reaches ~60% of the memory
 bandwidth for one row, and a 5-row pass costs ~3x a 1-row one (bench-kernels): verification is not cheap. This
 kernel does what llama.cpp does: activations are quantized to int8 per row and group of 32 (Q8_0's blocks), and VNNI's
 `vpdpbusd` multiplies 64 weight codes by 64 activation bytes in one instruction, so the unpacked weights of a
-group serve every row of the pass. Integer sums are exact, and every output row is computed by one thread over
+group serve every row of the pass. A processor without AVX-512 (AMD Zen 2/3, older Intel) runs the same layout on
+AVX2: `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`, half a tile (8 rows) per vector; the two paths compute the
+same integer sums and the same float operations in the same order, so they give the same bits and the kernel's
+numerics (`int4/vnni`) do not depend on which one runs. Integer sums are exact, and every output row is computed by one thread over
 the whole of K in a fixed order, so a row's result does not depend on the rows beside it (batch-invariant without
 padding).
 
@@ -15,8 +18,8 @@ where K allows; else 4, 2 or 1). A Q4_K tensor's blocks (6-bit sc/mn, fp16 d/dmi
 Bytes per weight: 4 bits + 2·8/32 + 2·16/(32·G) = 4.625 at G = 8 (Q4_K: 4.5); 8 bits: 8.625.
 
 The extension is built on first use with the machine's compiler into torch's extension cache (~30 s once);
-`available()` says whether this process can run it and `unavailable_reason()` why not (no AVX-512 VNNI, no
-compiler). `python -m common.kernels.vnni_gemm` builds it ahead of time and says which.
+`available()` says whether this process can run it and `unavailable_reason()` why not (no AVX2, no compiler);
+`isa()` which path runs. `python -m common.kernels.vnni_gemm` builds it ahead of time and says which.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ SOURCE = Path(__file__).with_name("vnni_gemm.cpp")
 
 def _extension():
     """(module, None) or (None, reason)."""
-    return load_extension("specd_vnni_gemm", SOURCE, "avx512_vnni")
+    return load_extension("specd_vnni_gemm", SOURCE, "avx2")
 
 
 def available() -> bool:
@@ -45,6 +48,17 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return _extension()[1]
+
+
+def isa() -> str | None:
+    """The instruction path calls take on this processor: "avx512_vnni" or "avx2" (None: the kernel does not run)."""
+    module = _extension()[0]
+    return module.isa() if module is not None else None
+
+
+def force_avx2(on: bool) -> None:
+    """Pin the AVX2 path on a processor that also has AVX-512 VNNI (tests compare the two paths' bits)."""
+    _extension()[0].force_avx2(on)
 
 
 def superblock_groups(in_features: int) -> int:

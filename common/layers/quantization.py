@@ -4,10 +4,11 @@ Decoding is memory-bound: each token reads every weight once, so bytes per weigh
 cache, attention and the sampler stay in the model's dtype; only the matmul weights shrink. Two kernels, chosen
 per processor (`kernel_of`), each with its own layout:
 
-- **vnni** (AVX-512 VNNI: common/kernels/vnni_gemm.py, our own): int4 = Q4_K's form, w = d·sc·q − dmin·mn per
+- **vnni** (AVX-512 VNNI, or AVX2 where the processor lacks AVX-512, the same numbers either way:
+  common/kernels/vnni_gemm.py, our own): int4 = Q4_K's form, w = d·sc·q − dmin·mn per
   group of 32 input columns (8-bit sc, mn; float16 d, dmin per super-block of 256 columns); int8 the same form with byte
   codes. Activations are quantized to int8 per row and group of 32, as llama.cpp does, and the integer dot
-  products run on `vpdpbusd`: a 1-row pass reads the weights at memory speed and a 5-row verify pass costs little
+  products run on `vpdpbusd` (AVX2: `vpmaddubsw`): a 1-row pass reads the weights at memory speed and a 5-row verify pass costs little
   more (bench-kernels). A GGUF's Q4_K tensors load into it exactly, codes and scales.
 - **torch** (every other CPU): PyTorch's weight-only kernels with activations in the model's dtype. int8:
   `torch._weight_int8pack_mm(x, q [N, K] int8, scales [N])`, symmetric per row. int4:

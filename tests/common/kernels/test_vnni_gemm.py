@@ -7,10 +7,11 @@ import torch
 
 from common.kernels import vnni_gemm
 
-# The kernel must build and run wherever the processor has AVX-512 VNNI (this machine and CI's): a failed build
-# fails here. Only a processor without the instructions skips the kernel's own tests.
-HAS_VNNI = "avx512_vnni" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
-pytestmark = pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512 VNNI")
+# The kernel must build and run wherever the processor has AVX2 (AVX-512 VNNI or not): a failed build fails here.
+# Only a processor without the instructions skips the kernel's own tests.
+HAS_AVX2 = "avx2" in Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else False
+HAS_VNNI = "avx512_vnni" in Path("/proc/cpuinfo").read_text().split() if HAS_AVX2 else False   # and AVX-512BW
+pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the processor lacks AVX2")
 
 
 
@@ -94,3 +95,74 @@ def test_a_bias_of_the_wrong_size_is_refused_by_its_size():
     qw = vnni_gemm.pack(vnni_gemm.quantize_groups(torch.randn(16, 64), 4))
     with pytest.raises(RuntimeError, match=r"bias must be \[16\]"):
         qw.matmul(torch.randn(1, 64), torch.zeros(32))
+
+
+def _exact(x: torch.Tensor, gc: vnni_gemm.GroupCodes, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the kernel computes, operation by operation in float32 (the fused multiply-adds as one rounding of the
+    float64 result: a float32 product is exact in float64, the sum is too unless the two are ~2^30 apart, and a
+    double rounding needs a float64 result on a float32 halfway point): the bits both instruction paths must give."""
+    f32 = torch.float32
+    m, k = x.shape
+    ng = k // vnni_gemm.GROUP
+    xg = x.to(f32).reshape(m, ng, vnni_gemm.GROUP)
+    a = xg.abs().amax(-1)                                                          # [M, groups]
+    xs = torch.where(a > 0, a / 127, 0)
+    inv = torch.where(a > 0, torch.full_like(a, 127) / torch.where(a > 0, a, 1), 0)   # not `127 / a`: torch
+    # computes a scalar over a tensor as reciprocal(a) * 127, two roundings
+    xq = (xg * inv[..., None]).round().clamp(-127, 127)                            # [M, groups, 32]
+    bx = xs * xq.sum(-1)
+    codes = gc.codes.reshape(gc.codes.shape[0], ng, vnni_gemm.GROUP).double()       # [N, groups, 32]
+    dots = torch.einsum("mgc,ngc->mng", xq.double(), codes).to(f32)                 # exact integers
+    step = gc.d.to(f32) * gc.sc.to(f32)                                            # [N, groups]
+    low = gc.dmin.to(f32) * gc.mn.to(f32)
+    acc = torch.zeros(m, codes.shape[0], dtype=f32)
+    for g in range(ng):
+        scaled = dots[:, :, g] * xs[:, g:g + 1]
+        acc = (scaled.double() * step[:, g].double() + acc.double()).to(f32)
+        acc = (acc.double() - low[:, g].double() * bx[:, g:g + 1].double()).to(f32)
+    if bias is not None:
+        return (acc.to(x.dtype).to(f32) + bias.to(f32)).to(x.dtype)
+    return acc.to(x.dtype)
+
+
+def _paths() -> list[str]:
+    """The instruction paths this processor runs: its own, and AVX2 pinned where it has AVX-512 VNNI too."""
+    return ["native", "avx2"] if vnni_gemm.isa() == "avx512_vnni" else ["native"]
+
+
+@pytest.fixture(params=_paths() if HAS_AVX2 else ["native"])
+def path(request):
+    vnni_gemm.force_avx2(request.param == "avx2")
+    yield request.param
+    vnni_gemm.force_avx2(False)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_instruction_path_gives_the_exact_bits_of_one_reference(path, bits, dtype):
+    # AVX-512 VNNI and AVX2 must compute the same numbers: the kernel's numerics ("int4/vnni") name no ISA, so a
+    # prefix cache or a multi-node group may mix processors. Each path this processor runs meets one exact reference.
+    g = torch.Generator().manual_seed(bits)
+    for n, k in ((48, 896), (32, 512), (16, 96)):
+        gc = vnni_gemm.quantize_groups(torch.randn(n, k, generator=g) * 0.05, bits)
+        qw = vnni_gemm.pack(gc)
+        for rows in (1, 3, 4, 5, 8, 9):
+            x = torch.randn(rows, k, generator=g).to(dtype)
+            assert torch.equal(qw.matmul(x), _exact(x, gc)), (path, n, k, rows)
+        bias = torch.randn(n, generator=g).to(dtype)
+        assert torch.equal(qw.matmul(x, bias), _exact(x, gc, bias)), (path, "bias")
+
+
+def test_the_path_is_reported_and_an_extreme_group_does_not_overflow(path):
+    # The AVX2 path adds a group's products in int16: codes at their top (15 or 255) times activations at +-127 in
+    # every column are the largest sums it meets.
+    assert vnni_gemm.isa() == ("avx2" if path == "avx2" else vnni_gemm.isa())
+    assert vnni_gemm.isa() in ("avx512_vnni", "avx2")
+    for bits in (4, 8):
+        top = (1 << bits) - 1
+        gc = vnni_gemm.GroupCodes(torch.full((16, 64), top, dtype=torch.uint8), torch.ones(16, 2, dtype=torch.uint8),
+                                  torch.zeros(16, 2, dtype=torch.uint8), torch.ones(16, 2, dtype=torch.float16),
+                                  torch.zeros(16, 2, dtype=torch.float16), bits)
+        qw = vnni_gemm.pack(gc)
+        x = torch.tensor([[1.0] * 64, [-1.0] * 64])
+        assert torch.equal(qw.matmul(x), torch.tensor([[64.0 * top * 127] * 16, [-64.0 * top * 127] * 16]) / 127)

@@ -9,11 +9,11 @@ from common.kernels import vnni_gemm
 from common.layers.quantization import (INT4_GROUP, Int4Weight, Int8Weight, check_shard, dequantize,
                                         int4_from_codes, kernel_of, numerics_of, quantize, quantize_shard)
 
-from tests.common.kernels.test_vnni_gemm import HAS_VNNI, quantized_activations
+from tests.common.kernels.test_vnni_gemm import HAS_AVX2, quantized_activations
 
 # Where the processor has AVX-512 VNNI (this machine, CI's) a failed build of the kernel fails here, never
 # falls back silently; elsewhere only PyTorch's kernels are tested.
-KERNELS = ["torch", "vnni"] if HAS_VNNI else ["torch"]
+KERNELS = ["torch", "vnni"] if HAS_AVX2 else ["torch"]
 
 
 def _weight(out=64, inp=128, seed=0, dtype=torch.float32):
@@ -48,7 +48,7 @@ def test_int4_rounds_each_weight_to_within_half_a_step_of_its_group_scale(dtype)
     assert qw.nbytes == w.numel() // 2 + (128 // INT4_GROUP) * 64 * 2 * w.element_size()   # 4 bits + scale, zero
 
 
-@pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512 VNNI")
+@pytest.mark.skipif(not HAS_AVX2, reason="the processor lacks AVX2")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("inp", [128, 96, 32])
 def test_vnni_codes_round_to_within_half_a_step_and_nothing_clips(bits, inp):
@@ -77,7 +77,7 @@ def test_the_kernel_multiplies_by_the_dequantized_weight(kernel, method, rows):
         torch.testing.assert_close(qw.matmul(x), x @ dequantize(qw).T, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512 VNNI")
+@pytest.mark.skipif(not HAS_AVX2, reason="the processor lacks AVX2")
 def test_this_processor_runs_the_vnni_kernel_and_the_numerics_name_it():
     assert vnni_gemm.available(), vnni_gemm.unavailable_reason()
     assert kernel_of("int4") == "vnni" and numerics_of("int4") == "int4/vnni" and numerics_of("none") == "none"

@@ -12,7 +12,7 @@ from common.errors import CheckpointError, ConfigError
 from common.layers.quantization import dequantize, quantize_vnni
 from common.models.gguf_weights import Q4_K_BLOCK_BYTES, Int4Rows, q4_k_rows
 from tests.checkpoints import build_checkpoint
-from tests.common.kernels.test_vnni_gemm import HAS_VNNI
+from tests.common.kernels.test_vnni_gemm import HAS_AVX2
 
 SHAPE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 PARTS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -86,7 +86,7 @@ def _runner(folder, **kw):
     return ModelRunner(EngineConfig(model=folder, num_kv_blocks=16, block_size=4, quantization="int4", **kw))
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="no VNNI")),
+@pytest.mark.parametrize("kernel", [pytest.param("vnni", marks=pytest.mark.skipif(not HAS_AVX2, reason="no AVX2")),
                                     "torch"])             # fp32 model: the torch kernel's scales stay exact too
 def test_a_model_from_the_gguf_computes_with_the_gguf_weights_themselves(model_and_gguf, kernel, monkeypatch):
     monkeypatch.setenv("SPECD_QUANT_KERNEL", kernel)
