@@ -7,7 +7,8 @@ their arithmetic: ~10 ms of a 1.5B int4 decode step on 2 cores, against ~32 ms o
 torch's numbers (fp32 arithmetic, bf16 intermediates rounded where torch rounds them); only the RMSNorm sum's
 order and SiLU's exp can differ in the last bit of an fp32. Rows are computed alone: batch-invariant.
 
-`runs(x)` says whether they serve a tensor like `x` here (CPU, fp32 or bf16, AVX-512, the build works);
+`runs(x)` says whether they serve a tensor like `x` here (CPU, fp32 or bf16, AVX-512 or AVX2 (the same bits), the
+build works);
 $SPECD_LAYER_OPS=torch keeps PyTorch's ops (A/B measurements). The layers fall back to PyTorch's ops elsewhere.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ ENV = "SPECD_LAYER_OPS"             # "torch": PyTorch's ops even where these ke
 
 
 def _extension():
-    return load_extension("specd_layer_ops", SOURCE, "avx512bw")
+    return load_extension("specd_layer_ops", SOURCE, "avx2")
 
 
 def available() -> bool:
@@ -34,6 +35,17 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return _extension()[1]
+
+
+def isa() -> str | None:
+    """The instruction path calls take here: "avx512" or "avx2" (None: the kernel does not run)."""
+    module = _extension()[0]
+    return module.isa() if module is not None else None
+
+
+def force_avx2(on: bool) -> None:
+    """Pin the AVX2 path on a processor that also has AVX-512 (tests compare the two paths' bits)."""
+    _extension()[0].force_avx2(on)
 
 
 @lru_cache(maxsize=1)

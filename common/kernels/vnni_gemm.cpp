@@ -139,57 +139,11 @@ void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::
 // ---- AVX2 (no AVX-512): the same layout read as two halves of 8 output rows (32 bytes of each 64-byte operand) ----
 namespace avx2 {
 
-#define SPECD_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-template <typename T>
-SPECD_AVX2 inline __m256 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm256_loadu_ps(p);
-  } else {                                           // bf16 -> fp32: the 16 bits are the top half of the float
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
-
-// The value torch would store for fp32 `v` in T (bf16: round to nearest even, NaN kept a quiet NaN), as fp32.
-template <typename T>
-SPECD_AVX2 inline __m256 round_to(__m256 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb));
-    r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
-    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
-  }
-}
-
-template <typename T>
-SPECD_AVX2 inline void store8(T* p, __m256 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_storeu_ps(p, v);
-  } else {                                           // the top 16 bits of each rounded lane, packed
-    const __m256i top = _mm256_srli_epi32(_mm256_castps_si256(round_to<T>(v)), 16);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-}
-
-SPECD_AVX2 inline float reduce_max(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-SPECD_AVX2 inline int32_t reduce_add(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
+using specd_simd::avx2::load8;
+using specd_simd::avx2::reduce_add;
+using specd_simd::avx2::reduce_max;
+using specd_simd::avx2::round_to;
+using specd_simd::avx2::store8;
 
 // quantize_rows above, in 8-lane vectors: the same scale, rounding (to nearest even) and sums.
 template <typename T>
@@ -306,8 +260,6 @@ SPECD_AVX2 void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn,
   }
 }
 
-#undef SPECD_AVX2
-
 }  // namespace avx2
 
 }  // namespace
@@ -315,32 +267,15 @@ SPECD_AVX2 void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn,
 bool has_vnni() {
   static const bool yes = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    return specd_simd::has_avx512() && __builtin_cpu_supports("avx512vnni");
   }();
   return yes;
 }
 
-bool has_avx2() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return yes;
-}
-
-// Tests pin the AVX2 path on a processor that has both, to check that the two give the same bits.
-bool g_force_avx2 = false;
-
-void force_avx2(bool on) {
-  TORCH_CHECK(!on || has_avx2(), "force_avx2: this processor lacks AVX2/FMA/F16C");
-  g_force_avx2 = on;
-}
-
-bool supported() { return has_vnni() || has_avx2(); }
+bool supported() { return has_vnni() || specd_simd::has_avx2(); }
 
 // The instruction path a call takes here: "avx512_vnni" or "avx2" ("" when neither runs).
-std::string isa() { return has_vnni() && !g_force_avx2 ? "avx512_vnni" : has_avx2() ? "avx2" : ""; }
+std::string isa() { return has_vnni() && !specd_simd::forced_avx2() ? "avx512_vnni" : specd_simd::has_avx2() ? "avx2" : ""; }
 
 // x [M, K] (any float dtype) -> y [M, N] in x's dtype; bias [N] (optional, x's dtype) added as torch adds it.
 torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, torch::Tensor mn, torch::Tensor d,
@@ -376,7 +311,7 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
     TORCH_CHECK(bias->numel() == NT * kTile && bias->is_contiguous() && bias->scalar_type() == x.scalar_type(),
                 "vnni_mm: bias must be [", NT * kTile, "] in ", x.scalar_type());
   }
-  const bool vnni = isa() == "avx512_vnni";
+  const bool vnni = has_vnni() && !specd_simd::forced_avx2();
   auto run = [&](auto* xp, auto* yp) {
     using O = std::remove_pointer_t<decltype(yp)>;
     if (vnni)
@@ -416,6 +351,6 @@ torch::Tensor vnni_mm(torch::Tensor x, torch::Tensor codes, torch::Tensor sc, to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported", &supported, "whether this processor runs the kernel (AVX-512 VNNI or AVX2)");
   m.def("isa", &isa, "the instruction path calls take here: avx512_vnni or avx2");
-  m.def("force_avx2", &force_avx2, "pin the AVX2 path (tests)");
+  m.def("force_avx2", &specd_simd::force_avx2, "pin the AVX2 path (tests)");
   m.def("vnni_mm", &vnni_mm, "x [M, K] @ W [N, K]^T, W in 4 or 8 bits, activations in 8");
 }

@@ -8,10 +8,19 @@ import torch.nn.functional as F
 from common.config import RopeConfig
 from common.kernels import layer_ops
 from common.layers.rotary import RotaryEmbedding
-from tests.common.kernels.test_vnni_gemm import HAS_VNNI
+from tests.common.kernels.isa_paths import isa_paths, on_path
+from tests.common.kernels.test_vnni_gemm import HAS_AVX2
 
-pytestmark = pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512")   # VNNI implies AVX-512BW
+pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the processor lacks AVX2")
 DTYPES = [torch.bfloat16, torch.float32]
+PATHS = isa_paths(layer_ops) if HAS_AVX2 else ["native"]
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def path(request):
+    """Every test on every instruction path this processor runs (AVX-512 and AVX2 where it has both)."""
+    with on_path(layer_ops, request.param):
+        yield request.param
 
 
 def _torch_rms_norm(x, w, eps):
@@ -107,3 +116,19 @@ def test_the_kernels_refuse_what_they_do_not_compute_by_name():
         layer_ops.rms_norm(torch.zeros(2, 8), torch.ones(4), 1e-6)
     with pytest.raises(RuntimeError, match="contiguous"):
         layer_ops.rms_norm(torch.zeros(8, 2).T, torch.ones(8), 1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_instruction_path_gives_the_same_bits(dtype):
+    # AVX-512 and AVX2 run the same operations lane for lane (the norm's sum of squares in the 16-lane order): a
+    # model's numbers must not depend on which one its processor has.
+    g = torch.Generator().manual_seed(11)
+    x, r = torch.randn(3, 1544, generator=g).to(dtype), torch.randn(3, 1544, generator=g).to(dtype)
+    w, gate_up = torch.randn(1544, generator=g).to(dtype), torch.randn(3, 2 * 904, generator=g).to(dtype)
+    outs = []
+    for p in PATHS:
+        with on_path(layer_ops, p):
+            residual = r.clone()
+            outs.append((layer_ops.rms_norm(x, w, 1e-6, residual), residual, layer_ops.silu_mul(gate_up)))
+    assert all(torch.equal(a, b) for o in outs[1:] for a, b in zip(outs[0], o))
+    torch.testing.assert_close(outs[0][0].float(), _torch_rms_norm(x + r, w, 1e-6).float(), rtol=1e-2, atol=1e-2)

@@ -4,9 +4,18 @@ import pytest
 import torch
 
 from common.kernels import row_attention as ra
-from tests.common.kernels.test_vnni_gemm import HAS_VNNI
+from tests.common.kernels.isa_paths import isa_paths, on_path
+from tests.common.kernels.test_vnni_gemm import HAS_AVX2
 
-pytestmark = pytest.mark.skipif(not HAS_VNNI, reason="the processor lacks AVX-512")   # VNNI implies AVX-512BW
+pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the processor lacks AVX2")
+PATHS = isa_paths(ra) if HAS_AVX2 else ["native"]
+
+
+@pytest.fixture(autouse=True, params=PATHS)
+def path(request):
+    """Every test on every instruction path this processor runs (AVX-512 and AVX2 where it has both)."""
+    with on_path(ra, request.param):
+        yield request.param
 
 
 def _case(dtype, seed=0, heads=12, kv_heads=2, head_dim=128, ctx=(300, 650), q_len=5):
@@ -65,3 +74,16 @@ def test_a_query_that_would_see_past_its_context_is_refused():
     q, k, v, slots, q_pos = _case(torch.float32)
     with pytest.raises(RuntimeError, match="sees past its context"):
         ra.row_attention(q, k, v, slots[:, :100], q_pos, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_instruction_path_gives_the_same_bits(dtype):
+    # AVX-512 and AVX2 compute each lane alike and add the softmax sum in the same order; head_dim 40 leaves a
+    # scalar tail in the value loop, context 300/650 partial key blocks.
+    q, k, v, slots, q_pos = _case(dtype, seed=5, heads=4, kv_heads=2, head_dim=40)
+    outs = []
+    for p in PATHS:
+        with on_path(ra, p):
+            outs.append(ra.row_attention(q, k, v, slots, q_pos, 0.15))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    torch.testing.assert_close(outs[0].double(), _reference(q, k, v, slots, q_pos, 0.15), rtol=4e-3, atol=4e-3)
