@@ -307,9 +307,10 @@ SPECD_AVX2 inline void pair_tile_rows(const uint8_t* codes, const uint8_t* sc, c
   }
 }
 
-// Passes over a tile (16 registers; measured on a Zen 3, bench-kernels): 4-bit codes in passes of both halves and up
-// to 3 rows (6 accumulators + 6 integer sums); 8-bit codes need twice the integer sums, so 4 rows or more take half
-// passes of 4 rows and the last 1-3 rows a pass of both halves. A row's arithmetic is the same in every pass.
+// Passes over a tile, chosen by measurement on a Zen 3 (16 vector registers): 4-bit codes in passes of both halves
+// and up to 3 rows (3 beat 2 though 6 accumulators + 6 integer sums leave too few registers for the operands);
+// 8-bit codes need twice the integer sums, so from 4 rows on they take half passes of 4 rows, and the last 1-3 rows
+// a pass of both halves. A row's arithmetic is the same in every pass.
 template <int BITS, typename O>
 SPECD_AVX2 void tile(const uint8_t* codes, const uint8_t* sc, const uint8_t* mn, const at::Half* d,
                      const at::Half* dmin, const int8_t* xq, const float* xs, const float* bx, int64_t M, int64_t K,
