@@ -81,6 +81,13 @@ class ModelRunner:
         why_not = self.model.flatten(self.device)
         log.info("decode and verify passes: %s", "one flat loop of kernel calls" if not why_not else
                  f"the layers' forward ({why_not})")
+        # Where the flat loop runs (specd's layer ops and row attention: row by row) and every matmul is the VNNI
+        # kernel's, only a prefill's flash attention makes a row's bits depend on what shares its pass (a K=auto
+        # first round prefills the prompt with its drafts). Prefills then take the loop too: greedy speculation
+        # equals target-only bit for bit without batch-invariant mode (docs/numerics.md).
+        self.rows_independent = not why_not and batch_invariant.matmuls_rows_independent(self.model)
+        if self.rows_independent and not config.batch_invariant:
+            log.info("prefills: the flat loop too (every pass gives a row the same bits whatever shares it)")
         self.block_size = config.block_size
         num_blocks = config.resolved_num_kv_blocks(mc)
         self.kv_cache = PagedKVCache(mc.num_layers, num_blocks, self.block_size,
@@ -283,7 +290,7 @@ class ModelRunner:
         q_lens = [len(c.token_ids) for c in chunks]
         ctx_lens = [self.sequences[c.seq_id].num_tokens + q for c, q in zip(chunks, q_lens)]
         b, max_q, max_ctx = len(chunks), max(q_lens), max(ctx_lens)
-        if b == 1 and q_lens[0] == ctx_lens[0] and not invariant:
+        if b == 1 and q_lens[0] == ctx_lens[0] and not (invariant or self.rows_independent):
             return AttentionMetadata(slot_mapping, slot_mapping.new_zeros(1, 1), None, None, 1, max_q,
                                      is_causal_prefill=True)
         # Batch-invariant mode: contexts padded to whole key blocks (common/layers/batch_invariant.py).

@@ -152,6 +152,14 @@ class RowTiled:
         return self.matmul(pad_rows(x, self.row_tile))[:x.shape[0]]
 
 
+def matmuls_rows_independent(model: torch.nn.Module) -> bool:
+    """Whether every matmul of `model` runs the VNNI kernel, whose rows never interact (each row's sums and float
+    operations are the same in every pass: tests/common/kernels/test_vnni_gemm.py), so the matmuls need no row tile."""
+    from common.kernels.vnni_gemm import VnniWeight
+    tiled = [m for m in model.modules() if isinstance(m, RowTiled)]
+    return bool(tiled) and all(isinstance(getattr(m, "qweight", None), VnniWeight) for m in tiled)
+
+
 def enable(model: torch.nn.Module, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
            device: torch.device) -> dict[tuple[int, int], int]:
     """Switch a model's matmuls to their row tiles (found once per [in, out] shape) after proving attention

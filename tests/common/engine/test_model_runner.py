@@ -114,3 +114,24 @@ def test_a_drafts_int4_head_and_its_refusals(tiny_checkpoints):
         EngineConfig(model=cfg["model"], lm_head_quantization="int4")
     with pytest.raises(ConfigError, match="lm_head_quantization='int2': must be 'int8', 'int4'"):
         EngineConfig(**cfg, lm_head_quantization="int2")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_on_the_vnni_kernel_a_prefill_gives_each_row_the_same_bits_whatever_follows_it(tiny_checkpoints, method,
+                                                                                        dtype):
+    """A K=auto first round prefills the prompt with its drafts: the prompt's rows (hence its KV) must come out as a
+    prompt-alone prefill computes them, or greedy speculation drifts from target-only at near-ties."""
+    from tests.common.kernels.test_vnni_gemm import HAS_AVX2
+    if not HAS_AVX2:
+        pytest.skip("the processor lacks AVX2: the VNNI kernel does not run")
+    cfg = dict(model=str(tiny_checkpoints["qwen2"]), num_kv_blocks=48, block_size=4, dtype=dtype)
+    runner = ModelRunner(EngineConfig(**cfg, quantization=method))
+    assert runner.rows_independent
+    assert not ModelRunner(EngineConfig(**cfg)).rows_independent           # oneDNN's matmuls: row counts matter
+    prompt, drafts = _ids(23, 7), _ids(3, 8)
+    [alone] = runner.forward([SequenceChunk(0, prompt, num_logits=23)]).logits
+    [with_drafts] = runner.forward([SequenceChunk(1, prompt + drafts, num_logits=26)]).logits
+    assert torch.equal(with_drafts[:23], alone)
+    [step] = runner.forward([SequenceChunk(0, drafts[:1])]).logits          # and decoding on from either cache
+    assert torch.equal(step[0], with_drafts[23])
