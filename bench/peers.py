@@ -31,7 +31,6 @@ from pathlib import Path
 
 from bench.prompts import PROMPTS
 
-GGUF_DIR = "gguf"
 LLAMA_DRAFT_MAX = (3, 4, 8)
 # specd configurations: name -> (target quantization, draft quantization or None for target-only)
 SPECD = {
@@ -228,13 +227,12 @@ def main(argv=None) -> int:
     from bench import llama_cpp
     from bench.report import goal, plot_with, print_goals, print_table, write_result
     from bench.wan import cpu_features
-    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, default_models_dir, is_fetched, model_path
+    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, gguf_path, is_fetched, model_path
     if not (is_fetched(TARGET_MODEL) and is_fetched(DRAFT_MODEL)):
         print("bench-peers: the model pair is not fetched; run `make models`", file=sys.stderr)
         return 2
-    gguf_dir = default_models_dir() / GGUF_DIR
     paths = {"target": str(model_path(TARGET_MODEL)), "draft": str(model_path(DRAFT_MODEL)),
-             "target_gguf": str(gguf_dir / f"{TARGET_MODEL}.gguf"), "draft_gguf": str(gguf_dir / f"{DRAFT_MODEL}.gguf")}
+             "target_gguf": str(gguf_path(TARGET_MODEL)), "draft_gguf": str(gguf_path(DRAFT_MODEL))}
     for key in ("target_gguf", "draft_gguf"):
         if not Path(paths[key]).is_file():
             print(f"bench-peers: {paths[key]} missing (`make models` keeps the fetched GGUFs there)", file=sys.stderr)

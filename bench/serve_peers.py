@@ -94,8 +94,8 @@ def main(argv=None) -> int:
         return 2
     target, draft = pair
     from bench import llama_cpp
-    gguf_dir = Path(target).parent / "gguf"
-    target_gguf, draft_gguf = gguf_dir / f"{Path(target).name}.gguf", gguf_dir / f"{Path(draft).name}.gguf"
+    from common.models.fetch import DRAFT_MODEL, TARGET_MODEL, gguf_path
+    target_gguf, draft_gguf = gguf_path(TARGET_MODEL), gguf_path(DRAFT_MODEL)
     bin_dir = llama_cpp.build(log=lambda m: print(f"[llama.cpp] {m}", flush=True))   # raises on a failed build
     work = Path(tempfile.mkdtemp(prefix="specd-bench-serve-peers-"))
     ctx = {"work": work, "hf_home": work / "hf"}

